@@ -1,0 +1,44 @@
+"""Source and sink protocols. Kafka and in-memory replay both implement them, so offline
+simulations run through exactly the same engine code path as live Kafka."""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+from streamtta.types import RawRecord
+
+TopicPartition = tuple[str, int]
+
+
+class Source(Protocol):
+    def consume(self, max_records: int, timeout: float) -> list[RawRecord]:
+        """Return up to ``max_records`` records, waiting at most ``timeout`` seconds."""
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit *next* offsets (last processed + 1) per partition, synchronously."""
+
+    def on_assign(self, cb: Callable[[list[TopicPartition]], None]) -> None: ...
+
+    def on_revoke(self, cb: Callable[[list[TopicPartition]], None]) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def at_end(self) -> bool:
+        """True once a bounded source (replay / ``stop_at_end``) has delivered everything."""
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    def write(self, key: str, value: dict[str, Any]) -> None: ...
+
+    def flush(self, timeout: float = 30.0) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class DeadLetter(Protocol):
+    def send(self, record: RawRecord, error: str) -> None: ...
+
+    def flush(self, timeout: float = 30.0) -> None: ...
