@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from streamtta.types import StepOutput
 
@@ -22,6 +23,8 @@ class Adapter(ABC):
     """
 
     num_classes: int
+    #: The adapted model (a deep copy of the module the adapter was built from).
+    model: nn.Module
 
     @abstractmethod
     def step(self, x: torch.Tensor, gate: Gate | None = None) -> StepOutput:
@@ -38,6 +41,15 @@ class Adapter(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...
+
+    def parameters_to_adapt(self) -> list[nn.Parameter]:
+        """The parameters the adapter updates (for TTA methods here: the norm affine parameters).
+
+        The meta re-adaptation helper restarts these from a meta-initialisation.
+        """
+        from streamtta.adapters.common import norm_affine_parameters
+
+        return norm_affine_parameters(self.model)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

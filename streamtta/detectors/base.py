@@ -1,6 +1,10 @@
 """Small protocols for OOD scorers and shift detectors (river / scikit-learn spirit).
 
 Polarity: every scorer returns **higher = more OOD** (see :data:`streamtta.types.OOD_HIGHER_IS_MORE_OOD`).
+
+Concrete scorers derive from :class:`streamtta.detectors.scorer.ThresholdedScorer`, which adds the
+hold-out calibration split, the optional adaptive (Otsu) threshold and re-calibration after a
+re-adaptation.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ class OODScorer(ABC):
 
     ``fit`` calibrates on source (in-distribution) data and sets ``threshold`` so that 95% of the
     hold-out ID samples are accepted; ``partial_fit`` updates online state from samples the engine
-    accepted as ID.
+    accepted as ID; ``recalibrate`` re-estimates state and threshold from recent trusted samples
+    (called after a re-adaptation).
     """
 
     name: str = "scorer"
@@ -33,6 +38,11 @@ class OODScorer(ABC):
 
     def partial_fit(self, features: torch.Tensor, logits: torch.Tensor, accepted: torch.Tensor | None = None) -> None:
         return None
+
+    def recalibrate(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Re-estimate the threshold (and any state) from trusted recent ID samples."""
+        scores = self.score(features, logits)
+        self.threshold = float(np.quantile(scores, 0.95))
 
     def is_ood(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold

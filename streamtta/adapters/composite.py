@@ -1,0 +1,351 @@
+"""The composable adapter: ``norm x objective x filters x guards`` around a copy of any model.
+
+:class:`CompositeAdapter` deep-copies the user's module, swaps its BatchNorm layers for the chosen
+test-time normalisation, and on every :meth:`~CompositeAdapter.step`:
+
+0. for pseudo-label-driven norms (``cb-stats``) only: a pre-pass with the stored statistics
+   (no update) whose predictions become the pseudo-labels of the layers;
+1. runs one forward pass of the adapted model (these are the returned, pre-update logits;
+   features are the input of the last ``nn.Linear`` unless ``feature_layer`` says otherwise);
+2. builds the keep-mask: samples with finite logits AND the caller's gate (OOD samples out) AND
+   every filter in order;
+3. if an objective is configured and some sample is kept: one optimizer step on the norm affine
+   parameters;
+4. commits the normalisation-statistics update for the gated (in-distribution) samples;
+5. runs the guards; one that fires resets everything to the initial state.
+
+The "frozen source copy" that filters such as ``conf-drop`` need is the adapted model evaluated
+with the *source* values of the adapted parameters (``torch.func.functional_call``) and the same
+normalisation statistics, so it costs one extra forward and no second copy of the weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from streamtta.adapters.base import Adapter, Gate
+from streamtta.adapters.common import FeatureHook, last_linear_name, norm_affine_parameters
+from streamtta.adapters.context import StepContext
+from streamtta.adapters.filters.base import Filter
+from streamtta.adapters.guards.base import Guard
+from streamtta.adapters.norms import (
+    NORM_CLASSES,
+    commit_stats,
+    frozen_stats,
+    label_norms,
+    make_norm_factory,
+    replace_batchnorms,
+    set_pseudo_labels,
+    set_stats_mode,
+)
+from streamtta.adapters.objectives.base import Objective
+from streamtta.types import StepOutput
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PREPASS = ("auto", "adapted", "source")
+RELABEL = ("final", "prepass", "agree")
+
+
+def _clone_state(obj: Any) -> Any:
+    """Deep copy with tensors cloned (detached), so later in-place updates cannot leak in."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_state(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone_state(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class CompositeAdapter(Adapter):
+    """Online adapter assembled from a normalisation, an optional objective, filters and guards.
+
+    Parameters
+    ----------
+    model: any ``nn.Module`` classifier returning ``(B, num_classes)`` logits; it is deep-copied.
+    num_classes: number of output classes.
+    norm: ``"source"`` (keep BatchNorm with source statistics), ``"bn"``, ``"rbn"`` or ``"unmix-tns"``.
+    norm_kwargs: constructor arguments of the norm layer (e.g. ``{"K": 16}``).
+    objective: label-free loss; None = gradient-free adapter (statistics only).
+    filters: applied in order, AND-wise, after the gate.
+    guards: collapse guards run after each step.
+    lr, optimizer, sgd_momentum, weight_decay: optimizer of the norm affine parameters
+        (``"adam"``: betas (0.9, 0.999); ``"sgd"``: momentum with Nesterov, as the TTA benchmark).
+    feature_layer: name of the sub-module whose input (``feature_hook="input"``) or output is
+        reported as features; default: the last ``nn.Linear``; if the model has none, the logits.
+    seed: seeds the UnMix-TNS component noise (building twice gives identical adapters).
+    prepass: pseudo-label source of ``cb-stats``: ``"adapted"`` (current model), ``"source"``
+        (the frozen source copy, i.e. source affine parameters), ``"auto"`` (``"source"`` when a
+        filter needs the source forward anyway, so the pre-pass is free; else ``"adapted"``).
+    relabel: labels ``cb-stats`` commits its statistics with: ``"final"`` (the main forward's
+        predictions), ``"prepass"`` (the pre-pass labels the forward used), ``"agree"`` (the
+        final predictions where they agree with the pre-pass, other samples ignored).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        norm: str = "bn",
+        norm_kwargs: dict[str, Any] | None = None,
+        objective: Objective | None = None,
+        filters: Sequence[Filter] = (),
+        guards: Sequence[Guard] = (),
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        sgd_momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        feature_layer: str | None = None,
+        feature_hook: str = "input",
+        seed: int | None = 0,
+        prepass: str = "auto",
+        relabel: str = "final",
+        spec: str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if prepass not in PREPASS:
+            raise ValueError(f"prepass must be one of {PREPASS}, got {prepass!r}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        self.num_classes = int(num_classes)
+        self.norm = norm
+        self.norm_kwargs = dict(norm_kwargs or {})
+        self.objective = objective
+        self.filters = list(filters)
+        self.guards = list(guards)
+        self.lr = float(lr)
+        self.optimizer_name = optimizer
+        self.sgd_momentum = float(sgd_momentum)
+        self.weight_decay = float(weight_decay)
+        self.seed = seed
+        self.spec = spec
+        if relabel not in RELABEL:
+            raise ValueError(f"relabel must be one of {RELABEL}, got {relabel!r}")
+        self.relabel = relabel
+
+        self.model = copy.deepcopy(model)
+        layer_kwargs = dict(self.norm_kwargs)
+        if getattr(NORM_CLASSES.get(norm), "needs_pseudo_labels", False):
+            layer_kwargs.setdefault("num_classes", self.num_classes)
+        factory = make_norm_factory(norm, seed=seed, **layer_kwargs)
+        self.replaced: list[str] = []
+        if factory is not None:
+            self.replaced = replace_batchnorms(self.model, factory)
+            if not self.replaced:
+                warnings.warn(
+                    f"norm {norm!r}: the model has no BatchNorm layer, so normalisation does not adapt",
+                    stacklevel=2,
+                )
+            set_stats_mode(self.model, "deferred")
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self._params = norm_affine_parameters(self.model)
+        self._param_names = [names[id(p)] for p in self._params]
+        if objective is not None:
+            if not self._params:
+                raise ValueError("the objective needs norm affine parameters, but the model has none")
+            for p in self._params:
+                p.requires_grad_(True)
+        self.optimizer = self._make_optimizer() if objective is not None else None
+
+        layer = feature_layer if feature_layer is not None else last_linear_name(self.model)
+        self.feature_layer = layer
+        self._hook = FeatureHook(self.model, layer, feature_hook) if layer is not None else None
+
+        self._needs_source = any(f.needs_source for f in self.filters)
+        self._label_layers = label_norms(self.model)
+        if prepass == "auto":
+            prepass = "source" if (self._needs_source and objective is not None) else "adapted"
+        self.prepass = prepass
+        self._source_params = {n: p.detach().clone() for n, p in zip(self._param_names, self._params)}
+        for g in self.guards:
+            g.bind(self)
+        self.n_steps = 0
+        self._initial_state = self.state_dict()
+
+    # -- construction helpers -------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(
+                self._params, lr=self.lr, momentum=self.sgd_momentum, nesterov=self.sgd_momentum > 0,
+                weight_decay=self.weight_decay,
+            )
+        cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
+        return cls(self._params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
+
+    def parameters_to_adapt(self) -> list[nn.Parameter]:
+        """The norm affine parameters the objective updates (module order)."""
+        return list(self._params)
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state (e.g. after the parameters were restarted from a meta-initialisation)."""
+        if self.objective is not None:
+            self.optimizer = self._make_optimizer()
+
+    # -- forward passes -------------------------------------------------------------------------
+    def _pop_features(self, logits: torch.Tensor) -> torch.Tensor:
+        feats = self._hook.pop() if self._hook is not None else None
+        return logits if feats is None else feats
+
+    def _source_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), frozen_stats(self.model):
+            out = torch.func.functional_call(self.model, self._source_params, (x,), strict=False)
+        if self._hook is not None:
+            self._hook.pop()
+        return out
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, features)`` of the current model; statistics are read, not updated."""
+        with frozen_stats(self.model):
+            logits = self.model(x)
+        return logits, self._pop_features(logits)
+
+    def step(self, x: torch.Tensor, gate: Gate | None = None) -> StepOutput:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"step expects a non-empty batch tensor (B, ...), got {getattr(x, 'shape', type(x))}")
+        B = int(x.shape[0])
+        learn = self.objective is not None
+        pre_logits = None
+        if self._label_layers:
+            if self.prepass == "source":
+                pre_logits = self._source_forward(x)
+            else:
+                with torch.no_grad(), frozen_stats(self.model):
+                    pre_logits = self.model(x)
+                self._pop_features(pre_logits)
+            set_pseudo_labels(self._label_layers, pre_logits.softmax(dim=1))
+        try:
+            with torch.set_grad_enabled(learn):
+                logits = self.model(x)
+        finally:
+            if self._label_layers:
+                set_pseudo_labels(self._label_layers, None)
+        feats = self._pop_features(logits)
+        if logits.dim() != 2 or logits.shape[0] != B:
+            raise ValueError(f"model must return (B, num_classes) logits, got shape {tuple(logits.shape)}")
+
+        mask = torch.isfinite(logits.detach()).all(dim=1)
+        if gate is not None:
+            g = torch.as_tensor(gate(logits.detach(), feats.detach()), device=mask.device)
+            if g.shape != (B,):
+                raise ValueError(f"gate must return a ({B},) bool mask, got shape {tuple(g.shape)}")
+            mask = mask & g.bool()
+        gate_mask = mask.clone()
+        ctx = StepContext(
+            x=x, logits=logits, features=feats.detach(), num_classes=self.num_classes,
+            source_fn=(lambda: self._source_forward(x)) if self._needs_source else None,
+        )
+        if pre_logits is not None and self.prepass == "source":
+            ctx._cache["source_logits"] = pre_logits
+        if learn:
+            for f in self.filters:
+                mask = f(ctx, mask)
+
+        info: dict[str, Any] = {"n_gated_out": int(B - int(gate_mask.sum())), "n_kept": int(mask.sum())}
+        loss_value: float | None = None
+        updated = False
+        if learn and bool(mask.any()):
+            loss = self.objective.loss(ctx, mask)
+            if torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_value = float(loss.detach())
+                updated = True
+            else:
+                info["skipped"] = "non-finite loss"
+        # statistics move after the backward pass (the graph still references the old buffers)
+        commit_stats(self.model, gate_mask, labels=self._commit_labels(logits, pre_logits))
+        self.n_steps += 1
+
+        fired = None
+        for g in self.guards:
+            if g.after_step(self, ctx, mask, updated):
+                fired = g.name
+                break
+        update_mask = mask if updated else torch.zeros_like(mask)
+        if fired is not None:
+            self.reset()
+            info["guard"] = fired
+        return StepOutput(
+            logits=logits.detach(), features=feats.detach(), update_mask=update_mask,
+            loss=loss_value, reset=fired is not None, info=info,
+        )
+
+    def _commit_labels(self, logits: torch.Tensor, pre_logits: torch.Tensor | None) -> torch.Tensor | None:
+        if pre_logits is None or self.relabel == "prepass":
+            return None
+        final = logits.detach()
+        if self.relabel == "final":
+            return final.softmax(dim=1)
+        ids = final.argmax(dim=1)
+        return torch.where(ids == pre_logits.argmax(dim=1), ids, torch.full_like(ids, -1))
+
+    # -- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the state right after construction (model, statistics, optimizer, filters, guards)."""
+        self.load_state_dict(self._initial_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return _clone_state(
+            {
+                "spec": self.spec,
+                "model": self.model.state_dict(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "objective": None if self.objective is None else self.objective.state_dict(),
+                "filters": [f.state_dict() for f in self.filters],
+                "guards": [g.state_dict() for g in self.guards],
+                "n_steps": self.n_steps,
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"model", "optimizer", "filters", "guards"} - set(state)
+        if missing:
+            raise KeyError(f"adapter state is missing {sorted(missing)}")
+        if len(state["filters"]) != len(self.filters) or len(state["guards"]) != len(self.guards):
+            raise ValueError(
+                f"state has {len(state['filters'])} filters / {len(state['guards'])} guards, this adapter "
+                f"{len(self.filters)} / {len(self.guards)} (spec {state.get('spec')!r} vs {self.spec!r})"
+            )
+        self.model.load_state_dict(state["model"])
+        set_stats_mode(self.model, "deferred")
+        if self.optimizer is not None:
+            if state["optimizer"] is None:
+                raise ValueError("state has no optimizer state but this adapter has an objective")
+            self.optimizer.load_state_dict(_clone_state(state["optimizer"]))
+        if self.objective is not None and state.get("objective") is not None:
+            self.objective.load_state_dict(_clone_state(state["objective"]))
+        for f, s in zip(self.filters, state["filters"]):
+            f.load_state_dict(_clone_state(s))
+        for g, s in zip(self.guards, state["guards"]):
+            g.load_state_dict(_clone_state(s))
+        self.n_steps = int(state.get("n_steps", 0))
+
+    def __repr__(self) -> str:
+        parts = [f"norm={self.norm!r}"]
+        if self.norm_kwargs:
+            parts.append(f"norm_kwargs={self.norm_kwargs}")
+        if self.objective is not None:
+            parts += [f"objective={self.objective!r}", f"optimizer={self.optimizer_name!r}", f"lr={self.lr:g}"]
+        if self.filters:
+            parts.append(f"filters={self.filters}")
+        if self.guards:
+            parts.append(f"guards={self.guards}")
+        return f"CompositeAdapter({', '.join(parts)})"

@@ -1,0 +1,7 @@
+"""Collapse guards (one per file): SAR-style entropy-EMA reset, periodic reset, EMA-to-source."""
+from streamtta.adapters.guards.base import Guard
+from streamtta.adapters.guards.ema_to_source import EMAToSource
+from streamtta.adapters.guards.periodic import PeriodicReset
+from streamtta.adapters.guards.sar_reset import LossEMAReset
+
+__all__ = ["Guard", "EMAToSource", "PeriodicReset", "LossEMAReset"]

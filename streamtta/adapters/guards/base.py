@@ -1,0 +1,43 @@
+"""Guard protocol: collapse protection that runs after every step.
+
+A guard returning True from :meth:`Guard.after_step` asks the adapter for a full reset (model,
+normalisation statistics, optimizer, filter and guard state back to how they were when the
+adapter was built); the adapter then reports ``StepOutput.reset=True`` and ``info["guard"]``.
+Guards that act continuously (EMA-to-source) return False.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from streamtta.adapters.context import StepContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    from streamtta.adapters.composite import CompositeAdapter
+
+
+class Guard(ABC):
+    """Runs after each step; may request a reset."""
+
+    name: str = "guard"
+
+    def bind(self, adapter: "CompositeAdapter") -> None:
+        """Called once when the adapter is built (e.g. to capture the source parameters)."""
+
+    @abstractmethod
+    def after_step(
+        self, adapter: "CompositeAdapter", ctx: StepContext, mask: torch.Tensor, updated: bool
+    ) -> bool:
+        """``mask``: samples that fed the update; ``updated``: an optimizer step happened."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"

@@ -1,0 +1,613 @@
+"""Meta-OOD re-adaptation: a meta-learned initialisation of the adaptable parameters (MOL-style).
+
+Offline, :func:`meta_train` learns an initialisation ``theta*`` of the parameters an online adapter
+updates (norm affine ``weight``/``bias``, plus the parameters of a module named ``ood_head`` if the
+model has one) with first-order MAML (or Reptile) over synthetic shift tasks built from source
+data. A task is a corruption family and severity (``streamtta.simulations.corruptions.corrupt``):
+
+* inner loop (what is available online): ``inner_steps`` SGD steps on the mean prediction entropy
+  of an unlabelled *support* batch of corrupted source images;
+* outer (query) loss at the adapted parameters: cross-entropy on a labelled *query* batch of the
+  same task plus ``energy_weight`` times the energy-margin OOD loss of Liu et al. (2020),
+  ``relu(E(x_in) - m_in)^2 + relu(m_out - E(x_out))^2``, on synthetic outliers (pixel- and
+  patch-shuffled copies of the query images, or ``outlier_x`` when given).
+
+Norm layers use test-batch statistics during meta-training (as at test time), without touching
+the stored running statistics. The result is saved next to the source checkpoint
+(``digits-resnet.pt`` -> ``digits-resnet.meta-init.pt``).
+
+Online, :class:`ReAdapter` keeps a bounded buffer of recent ID-accepted inputs. On a confirmed
+shift it snapshots the adapter's parameters, restarts them from ``theta*``, takes a few
+entropy (+ diversity) steps on the post-shift part of the buffer, re-fits the scorer
+(prototypes/means and threshold) and resets the shift monitor's references; it rolls back to the
+snapshot when the unsupervised proxies got worse (mean entropy up, or prediction-histogram entropy
+down = collapse).
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+...                     nn.Flatten(), nn.Linear(4, 3))
+>>> adaptable_parameter_names(net)
+['1.weight', '1.bias']
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import deque
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("streamtta.detectors.meta")
+
+META_INIT_SUFFIX = ".meta-init.pt"
+META_INIT_FORMAT = "streamtta.meta-init"
+OOD_HEAD_NAME = "ood_head"
+
+CorruptFn = Callable[[np.ndarray, str, int, int], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------
+# which parameters
+# ----------------------------------------------------------------------------------------------
+def _is_norm(m: nn.Module) -> bool:
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+        return True
+    try:
+        from streamtta.adapters.norms.base import AdaptiveNorm
+
+        return isinstance(m, AdaptiveNorm)
+    except Exception:  # pragma: no cover - adapters package unavailable
+        return False
+
+
+def adaptable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the norm affine parameters (module order) plus those of ``model.ood_head``."""
+    names: list[str] = []
+    for mname, m in model.named_modules():
+        if _is_norm(m):
+            for attr in ("weight", "bias"):
+                if isinstance(getattr(m, attr, None), nn.Parameter):
+                    names.append(f"{mname}.{attr}" if mname else attr)
+    head = getattr(model, OOD_HEAD_NAME, None)
+    if isinstance(head, nn.Module):
+        names += [f"{OOD_HEAD_NAME}.{n}" for n, _ in head.named_parameters()]
+    return names
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if isinstance(out, Mapping):
+        return out["logits"]
+    raise TypeError(f"model output of type {type(out).__name__} has no logits")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.log_softmax(1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return -temperature * torch.logsumexp(logits / temperature, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic outliers and tasks
+# ----------------------------------------------------------------------------------------------
+def shuffled_outliers(x: torch.Tensor, generator: torch.Generator, patch: int = 4) -> torch.Tensor:
+    """Half pixel-shuffled, half patch-shuffled copies of images ``x`` (B, C, H, W).
+
+    They keep the intensity statistics of the inputs but destroy their shape: OOD by construction.
+    """
+    b, c, h, w = x.shape
+    out = x.clone()
+    half = b // 2
+    for i in range(half):  # pixel shuffle (same permutation for every channel)
+        perm = torch.randperm(h * w, generator=generator)
+        out[i] = x[i].reshape(c, -1)[:, perm].reshape(c, h, w)
+    if h % patch == 0 and w % patch == 0:
+        gh, gw = h // patch, w // patch
+        for i in range(half, b):
+            tiles = x[i].reshape(c, gh, patch, gw, patch).permute(1, 3, 0, 2, 4).reshape(gh * gw, c, patch, patch)
+            tiles = tiles[torch.randperm(gh * gw, generator=generator)]
+            out[i] = tiles.reshape(gh, gw, c, patch, patch).permute(2, 0, 3, 1, 4).reshape(c, h, w)
+    else:
+        for i in range(half, b):
+            perm = torch.randperm(h * w, generator=generator)
+            out[i] = x[i].reshape(c, -1)[:, perm].reshape(c, h, w)
+    return out
+
+
+def _default_corrupt() -> tuple[CorruptFn, tuple[str, ...]]:
+    from streamtta.simulations.corruptions import CORRUPTIONS, corrupt
+
+    return corrupt, tuple(CORRUPTIONS)
+
+
+@contextmanager
+def batch_stat_norms(model: nn.Module) -> Iterator[None]:
+    """Norm layers use batch statistics and leave their running statistics untouched."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.training, m.momentum))
+            m.train()
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+
+
+# ----------------------------------------------------------------------------------------------
+# meta-training
+# ----------------------------------------------------------------------------------------------
+def _meta_get(meta_info: Any, key: str, default: Any = None) -> Any:
+    if meta_info is None:
+        return default
+    if isinstance(meta_info, Mapping):
+        return meta_info.get(key, default)
+    return getattr(meta_info, key, default)
+
+
+def meta_train(
+    model: nn.Module,
+    meta_info: Any,
+    source_x: Any,
+    source_y: Any,
+    *,
+    outlier_x: Any | None = None,
+    steps: int = 200,
+    inner_steps: int = 1,
+    inner_lr: float = 0.05,
+    outer_lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    algorithm: str = "fomaml",
+    tasks_per_step: int = 2,
+    support_size: int = 64,
+    query_size: int = 64,
+    energy_weight: float = 0.1,
+    m_in: float | None = None,
+    m_out: float | None = None,
+    families: Sequence[str] | None = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    corrupt_fn: CorruptFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Learn a meta-initialisation of the adaptable parameters; returns ``{name: tensor}``.
+
+    Parameters
+    ----------
+    model
+        Source classifier (not modified: a deep copy is trained).
+    meta_info
+        Model metadata (a :class:`~streamtta.models.checkpoint.ModelMeta`, a mapping or ``None``);
+        only ``num_classes`` is read, for a sanity check of the labels.
+    source_x, source_y
+        Clean source images ``(N, C, H, W)`` in the model's input range and labels (model output
+        indices).
+    outlier_x
+        Optional auxiliary outlier images (corrupted like the task); default: shuffled copies of
+        the query images.
+    steps, inner_steps, inner_lr, outer_lr
+        Outer steps, inner entropy steps per task, inner SGD and outer Adam learning rates
+        (Reptile: outer interpolation rate).
+    algorithm
+        ``"fomaml"`` (first-order MAML) or ``"reptile"``.
+    tasks_per_step, support_size, query_size
+        Tasks averaged per outer step and batch sizes.
+    energy_weight, m_in, m_out
+        Weight and margins of the energy OOD loss; margins default to the median clean-source
+        energy and that plus ``max(2, 2 * std)``.
+    families, severities
+        Corruption families and severities tasks are drawn from (default: all of
+        :data:`streamtta.simulations.corruptions.CORRUPTIONS`, severities 1-5).
+    corrupt_fn
+        ``corrupt(x, name, severity, seed)`` (default: streamtta's corruption library).
+    """
+    if algorithm not in ("fomaml", "reptile"):
+        raise ValueError(f"algorithm must be 'fomaml' or 'reptile', got {algorithm!r}")
+    if steps < 0 or inner_steps < 1 or tasks_per_step < 1:
+        raise ValueError(f"need steps >= 0, inner_steps >= 1, tasks_per_step >= 1; got {steps}, {inner_steps}, "
+                         f"{tasks_per_step}")
+    x_all = torch.as_tensor(np.asarray(source_x) if not isinstance(source_x, torch.Tensor) else source_x).float()
+    y_all = torch.as_tensor(np.asarray(source_y) if not isinstance(source_y, torch.Tensor) else source_y).long()
+    if len(x_all) != len(y_all) or len(x_all) < 2:
+        raise ValueError(f"need at least 2 source samples with one label each, got {len(x_all)} and {len(y_all)}")
+    n_cls = _meta_get(meta_info, "num_classes")
+    if n_cls is not None and (int(y_all.min()) < 0 or int(y_all.max()) >= int(n_cls)):
+        raise ValueError(f"source_y must be output indices in [0, {n_cls}), got range "
+                         f"[{int(y_all.min())}, {int(y_all.max())}]")
+    if corrupt_fn is None or families is None:
+        default_fn, default_fams = _default_corrupt()
+        corrupt_fn = corrupt_fn or default_fn
+        families = tuple(families or default_fams)
+    families = tuple(families)
+    if not families:
+        raise ValueError("families must name at least one corruption")
+    x_out_all = None if outlier_x is None else torch.as_tensor(np.asarray(outlier_x)).float()
+
+    net = copy.deepcopy(model)
+    net.eval()
+    names = adaptable_parameter_names(net)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no norm affine parameters to meta-learn")
+    params = dict(net.named_parameters())
+    for p in net.parameters():
+        p.requires_grad_(False)
+    theta = [params[n] for n in names]
+    for p in theta:
+        p.requires_grad_(True)
+
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    with torch.no_grad(), batch_stat_norms(net):
+        e_src = torch.cat([energy(_logits(net(x_all[i:i + 256]))) for i in range(0, min(len(x_all), 1024), 256)])
+    m_in = float(e_src.median()) if m_in is None else float(m_in)
+    m_out = float(m_in + max(2.0, 2.0 * float(e_src.std()))) if m_out is None else float(m_out)
+
+    opt = torch.optim.Adam(theta, lr=outer_lr) if algorithm == "fomaml" else None
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    n = len(x_all)
+    for step in range(steps):
+        start = [p.detach().clone() for p in theta]
+        grads = [torch.zeros_like(p) for p in theta]
+        deltas = [torch.zeros_like(p) for p in theta]
+        stats = {"inner": 0.0, "ce": 0.0, "energy": 0.0}
+        for _ in range(tasks_per_step):
+            fam = families[int(rng.integers(len(families)))]
+            sev = int(severities[int(rng.integers(len(severities)))])
+            idx = torch.randperm(n, generator=gen)
+            s_idx, q_idx = idx[:min(support_size, n // 2)], idx[min(support_size, n // 2):][:query_size]
+            task_seed = int(rng.integers(2**31 - 1))
+            xs = torch.from_numpy(corrupt_fn(x_all[s_idx].numpy(), fam, sev, task_seed))
+            xq = torch.from_numpy(corrupt_fn(x_all[q_idx].numpy(), fam, sev, task_seed + 1))
+            yq = y_all[q_idx]
+            if x_out_all is not None:
+                o_idx = torch.randint(len(x_out_all), (len(q_idx),), generator=gen)
+                xo = torch.from_numpy(corrupt_fn(x_out_all[o_idx].numpy(), fam, sev, task_seed + 2))
+            else:
+                xo = shuffled_outliers(xq, gen)
+            with torch.no_grad():
+                for p, s in zip(theta, start):
+                    p.copy_(s)
+            with batch_stat_norms(net):
+                for _ in range(inner_steps):  # inner loop: unsupervised entropy on the support set
+                    loss_in = entropy(_logits(net(xs))).mean()
+                    g = torch.autograd.grad(loss_in, theta)
+                    with torch.no_grad():
+                        for p, gi in zip(theta, g):
+                            p.sub_(inner_lr * gi)
+                    stats["inner"] += float(loss_in.detach()) / (inner_steps * tasks_per_step)
+                logits_q = _logits(net(torch.cat([xq, xo])))
+            lq, lo = logits_q[: len(xq)], logits_q[len(xq):]
+            ce = F.cross_entropy(lq, yq)
+            e_loss = (F.relu(energy(lq) - m_in) ** 2).mean() + (F.relu(m_out - energy(lo)) ** 2).mean()
+            loss_q = ce + energy_weight * e_loss
+            stats["ce"] += float(ce.detach()) / tasks_per_step
+            stats["energy"] += float(e_loss.detach()) / tasks_per_step
+            if algorithm == "fomaml":
+                g = torch.autograd.grad(loss_q, theta)
+                for acc, gi in zip(grads, g):
+                    acc.add_(gi / tasks_per_step)
+            else:  # reptile: one supervised step on the query, then move towards the task solution
+                g = torch.autograd.grad(loss_q, theta)
+                with torch.no_grad():
+                    for p, gi, d, s in zip(theta, g, deltas, start):
+                        d.add_((p - inner_lr * gi - s) / tasks_per_step)
+        with torch.no_grad():
+            for p, s in zip(theta, start):
+                p.copy_(s)
+        if algorithm == "fomaml":
+            opt.zero_grad(set_to_none=False)
+            for p, gacc in zip(theta, grads):
+                p.grad = gacc
+            opt.step()
+        else:
+            with torch.no_grad():
+                for p, d in zip(theta, deltas):
+                    p.add_(outer_lr * d)
+        history.append(stats)
+        if progress and (step % max(1, steps // 10) == 0 or step == steps - 1):
+            log.info("meta-train step %d/%d: inner entropy %.3f, query CE %.3f, energy loss %.3f (%.1fs)",
+                     step + 1, steps, stats["inner"], stats["ce"], stats["energy"], time.perf_counter() - t0)
+            print(f"meta-train {step + 1}/{steps}: inner entropy {stats['inner']:.3f}  query CE {stats['ce']:.3f}  "
+                  f"energy loss {stats['energy']:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    meta_train.last_history = history  # type: ignore[attr-defined]
+    return {n: params[n].detach().clone() for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------
+def meta_init_path(checkpoint: str | Path) -> Path:
+    """``<ckpt>.meta-init.pt`` next to a checkpoint file (``digits-resnet.pt`` -> ``digits-resnet.meta-init.pt``)."""
+    p = Path(checkpoint)
+    return p.with_name(p.name[: -len(p.suffix)] + META_INIT_SUFFIX if p.suffix else p.name + META_INIT_SUFFIX)
+
+
+def _resolve_checkpoint(source: str | Path) -> Path:
+    text = str(source)
+    try:
+        from streamtta.models.registry import BUILTIN_MODELS, builtin_path
+
+        if text in BUILTIN_MODELS:
+            return Path(builtin_path(text, train_if_missing=False))
+    except ImportError:  # pragma: no cover
+        pass
+    return Path(text).expanduser()
+
+
+def save_meta_init(init: Mapping[str, torch.Tensor], path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+    """Write a meta-initialisation (plain tensors + JSON-able info; loadable with weights_only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": META_INIT_FORMAT, "version": 1,
+               "params": {k: v.detach().cpu().clone() for k, v in init.items()}, "info": dict(info or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _read_meta_init(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor] | None:
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:
+        return None
+    if isinstance(payload, Mapping) and payload.get("format") == META_INIT_FORMAT:
+        return dict(payload["params"])
+    return None
+
+
+def load_meta_init(source: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a meta-initialisation: a meta-init file itself, or the one next to a model's checkpoint
+    (built-in model name or checkpoint path)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        params = _read_meta_init(path, map_location)
+        if params is not None:
+            return params
+        if text.endswith(META_INIT_SUFFIX):
+            raise ValueError(f"{path} is not a streamtta meta-initialisation file")
+    if not text.endswith(META_INIT_SUFFIX):
+        try:
+            path = meta_init_path(_resolve_checkpoint(source))
+        except Exception as e:  # pragma: no cover - registry errors
+            raise FileNotFoundError(f"cannot locate the checkpoint of model {text!r}: {e}") from e
+    if not path.is_file():
+        raise FileNotFoundError(f"no meta-initialisation at {path}; create it with "
+                                f"`streamtta meta-train --model {text}`")
+    params = _read_meta_init(path, map_location)
+    if params is None:
+        raise ValueError(f"{path} is not a streamtta meta-initialisation file")
+    return params
+
+
+def meta_train_cli(model_spec: str, *, steps: int = 200, seed: int = 0, out: str | Path | None = None,
+                   progress: bool = True, **kw: Any) -> int:
+    """``streamtta meta-train``: meta-train on the model's clean source split and save next to it."""
+    from streamtta.models.data import load_source_train
+    from streamtta.models.registry import load_model
+
+    torch.manual_seed(seed)
+    model, meta = load_model(model_spec)
+    if meta is None:
+        raise ValueError(f"model {model_spec!r} has no streamtta metadata: its source data are unknown")
+    x, y = load_source_train(meta, as_index=True)
+    t0 = time.perf_counter()
+    init = meta_train(model, meta, x, y, steps=steps, seed=seed, progress=progress, **kw)
+    path = Path(out) if out is not None else meta_init_path(_resolve_checkpoint(model_spec))
+    save_meta_init(init, path, info={"model": meta.name, "steps": steps, "seed": seed,
+                                     "seconds": round(time.perf_counter() - t0, 2), **{k: str(v) for k, v in kw.items()}})
+    print(f"meta-initialisation of {len(init)} tensors -> {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# online re-adaptation
+# ----------------------------------------------------------------------------------------------
+def prediction_proxies(logits: torch.Tensor) -> dict[str, float]:
+    """Unsupervised accuracy proxies: mean entropy, prediction-histogram entropy (normalised to
+    [0, 1]) and mean confidence."""
+    p = logits.softmax(1)
+    c = logits.shape[1]
+    hist = torch.bincount(p.argmax(1), minlength=c).float()
+    hist = hist / hist.sum()
+    h_hist = float(-(hist[hist > 0] * hist[hist > 0].log()).sum() / math.log(c)) if c > 1 else 0.0
+    return {"mean_entropy": float(entropy(logits).mean()), "hist_entropy": h_hist,
+            "mean_confidence": float(p.max(1).values.mean())}
+
+
+class ReAdapter:
+    """Restart the adapter from the meta-initialisation after a confirmed shift.
+
+    Parameters
+    ----------
+    meta_init
+        ``{parameter name: tensor}`` from :func:`meta_train` / :func:`load_meta_init`.
+    steps, lr
+        Adam steps on the buffer and their learning rate.
+    buffer_size
+        Maximum number of recent ID-accepted inputs kept.
+    batch_size
+        Minibatch size of the re-adaptation steps.
+    recent_batches
+        Without an onset estimate, use the samples of the last this-many observed batches.
+    min_samples
+        Fewer post-shift samples than this: use the most recent ``min_samples`` of the buffer.
+    diversity_weight
+        Weight of the prediction-diversity term (``-H(mean p)``) that guards against collapse.
+    entropy_tolerance, hist_tolerance
+        Roll back when mean entropy rose by more than ``entropy_tolerance`` (nats) or the
+        histogram entropy fell by more than ``hist_tolerance``.
+    """
+
+    def __init__(self, meta_init: Mapping[str, torch.Tensor], steps: int = 10, lr: float = 5e-3,
+                 buffer_size: int = 512, batch_size: int = 64, recent_batches: int = 3, min_samples: int = 32,
+                 diversity_weight: float = 1.0, entropy_tolerance: float = 0.0, hist_tolerance: float = 0.05,
+                 seed: int = 0) -> None:
+        if steps < 0 or lr <= 0 or buffer_size < 1 or batch_size < 1:
+            raise ValueError(f"need steps >= 0, lr > 0, buffer_size >= 1, batch_size >= 1; got {steps}, {lr}, "
+                             f"{buffer_size}, {batch_size}")
+        self.meta_init = {k: v.detach().clone() for k, v in meta_init.items()}
+        self.steps = int(steps)
+        self.lr = float(lr)
+        self.buffer_size = int(buffer_size)
+        self.batch_size = int(batch_size)
+        self.recent_batches = int(recent_batches)
+        self.min_samples = int(min_samples)
+        self.diversity_weight = float(diversity_weight)
+        self.entropy_tolerance = float(entropy_tolerance)
+        self.hist_tolerance = float(hist_tolerance)
+        self.seed = int(seed)
+        self.buffer: deque[tuple[int, torch.Tensor]] = deque()
+        self.n_observed_batches = 0
+        self.history: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return sum(len(x) for _, x in self.buffer)
+
+    def observe(self, x_accepted: torch.Tensor, batch_index: int | None = None) -> None:
+        """Add one batch of ID-accepted inputs (bounded FIFO buffer)."""
+        b = self.n_observed_batches if batch_index is None else int(batch_index)
+        self.n_observed_batches += 1
+        x = torch.as_tensor(x_accepted).detach().cpu()
+        if x.dim() == 0 or len(x) == 0:
+            return
+        self.buffer.append((b, x.clone()))
+        while len(self) - len(self.buffer[0][1]) >= self.buffer_size:
+            self.buffer.popleft()
+        over = len(self) - self.buffer_size
+        if over > 0:
+            b0, x0 = self.buffer[0]
+            self.buffer[0] = (b0, x0[over:])
+
+    def _select(self, since_batch: int | None) -> torch.Tensor:
+        if not self.buffer:
+            return torch.empty(0)
+        if since_batch is None:
+            tags = sorted({b for b, _ in self.buffer})
+            since_batch = tags[-min(self.recent_batches, len(tags))]
+        xs = [x for b, x in self.buffer if b >= since_batch]
+        x = torch.cat(xs) if xs else torch.empty(0)
+        if len(x) < self.min_samples:
+            x = torch.cat([x for _, x in self.buffer])[-self.min_samples:]
+        return x
+
+    @staticmethod
+    def _forward_logits(adapter: Any, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, feats = [], []
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                try:
+                    lo, fe = adapter.features(x[i:i + batch_size])
+                except NotImplementedError:
+                    lo, fe = _logits(adapter.model(x[i:i + batch_size])), None
+                logits.append(lo)
+                feats.append(fe)
+        f = None if any(v is None for v in feats) else torch.cat(feats)
+        return torch.cat(logits), f
+
+    def on_shift(self, adapter: Any, scorer: Any | None = None, monitor: Any | None = None,
+                 event: Any | None = None) -> dict[str, Any]:
+        """Re-adapt after a confirmed shift; returns what was done and the proxies before/after."""
+        since = getattr(event, "onset_batch", None) if event is not None else None
+        x = self._select(since)
+        if len(x) == 0:
+            result = {"action": "skipped", "reason": "empty buffer", "n_samples": 0}
+            self.history.append(result)
+            return result
+        model: nn.Module = adapter.model
+        params = list(adapter.parameters_to_adapt())
+        names_by_id = {id(p): n for n, p in model.named_parameters()}
+        snapshot = [p.detach().clone() for p in params]
+        logits_before, _ = self._forward_logits(adapter, x, self.batch_size)
+        before = prediction_proxies(logits_before)
+        n_loaded = 0
+        with torch.no_grad():
+            for p in params:
+                init = self.meta_init.get(names_by_id.get(id(p), ""))
+                if init is not None and init.shape == p.shape:
+                    p.copy_(init.to(p.device, p.dtype))
+                    n_loaded += 1
+        gen = torch.Generator().manual_seed(self.seed + len(self.history))
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        requires = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=self.lr)
+        with ExitStack() as stack:
+            try:
+                from streamtta.adapters.norms.base import frozen_stats
+
+                stack.enter_context(frozen_stats(model))
+            except ImportError:  # pragma: no cover
+                pass
+            for _ in range(self.steps):
+                idx = torch.randperm(len(x), generator=gen)[: self.batch_size]
+                logits = _logits(model(x[idx]))
+                p_mean = logits.softmax(1).mean(0)
+                loss = entropy(logits).mean() + self.diversity_weight * (p_mean * p_mean.clamp_min(1e-12).log()).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        for p, r in zip(params, requires):
+            p.grad = None
+            p.requires_grad_(r)
+        with torch.no_grad():  # undo any statistics side effect of the extra forwards
+            for k, v in model.named_buffers():
+                if k in buffers and v.shape == buffers[k].shape:
+                    v.copy_(buffers[k])
+        logits_after, feats_after = self._forward_logits(adapter, x, self.batch_size)
+        after = prediction_proxies(logits_after)
+        worse = (after["mean_entropy"] > before["mean_entropy"] + self.entropy_tolerance
+                 or after["hist_entropy"] < before["hist_entropy"] - self.hist_tolerance)
+        result: dict[str, Any] = {"n_samples": int(len(x)), "steps": self.steps, "n_params_from_meta_init": n_loaded,
+                                  "proxies_before": before, "proxies_after": after}
+        if worse:
+            with torch.no_grad():
+                for p, s in zip(params, snapshot):
+                    p.copy_(s)
+            result["action"] = "rolled_back"
+        else:
+            result["action"] = "readapted"
+            if scorer is not None and hasattr(scorer, "recalibrate") and feats_after is not None:
+                try:
+                    scorer.recalibrate(feats_after, logits_after)
+                    result["scorer_threshold"] = float(scorer.threshold)
+                except (ValueError, RuntimeError) as e:
+                    result["scorer_error"] = str(e)
+            if monitor is not None:
+                (getattr(monitor, "reset_reference", None) or monitor.reset)()
+        self.history.append(result)
+        return result
+
+    #: alias
+    readapt = on_shift
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": [(b, x.clone()) for b, x in self.buffer], "n_observed_batches": self.n_observed_batches,
+                "meta_init": {k: v.clone() for k, v in self.meta_init.items()}, "history": list(self.history)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.buffer = deque((int(b), torch.as_tensor(x).clone()) for b, x in state["buffer"])
+        self.n_observed_batches = int(state["n_observed_batches"])
+        self.meta_init = {k: torch.as_tensor(v).clone() for k, v in state["meta_init"].items()}
+        self.history = list(state.get("history", []))

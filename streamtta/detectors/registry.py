@@ -1,0 +1,40 @@
+"""Scorer registry: ``build_scorer(name, **kw)``.
+
+>>> sorted(SCORERS)
+['energy', 'fusion', 'knn', 'mahalanobis', 'msp', 'prototype']
+>>> build_scorer("energy", temperature=2.0).temperature
+2.0
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from streamtta.detectors.ood_energy import EnergyScorer
+from streamtta.detectors.ood_fusion import FusionScorer
+from streamtta.detectors.ood_knn import KNNScorer
+from streamtta.detectors.ood_mahalanobis import MahalanobisScorer
+from streamtta.detectors.ood_msp import MSPScorer
+from streamtta.detectors.ood_prototype import PrototypeScorer
+from streamtta.detectors.scorer import ThresholdedScorer
+
+SCORERS: dict[str, type[ThresholdedScorer]] = {
+    "prototype": PrototypeScorer,
+    "knn": KNNScorer,
+    "energy": EnergyScorer,
+    "msp": MSPScorer,
+    "mahalanobis": MahalanobisScorer,
+    "fusion": FusionScorer,
+}
+
+#: Name of the scorer the engine uses unless configured otherwise.
+DEFAULT_SCORER = "fusion"
+
+
+def build_scorer(name: str = DEFAULT_SCORER, **kw: Any) -> ThresholdedScorer:
+    """Instantiate scorer ``name`` with hyperparameters ``kw``."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown OOD scorer {name!r}; known: {sorted(SCORERS)}")
+    try:
+        return SCORERS[name](**kw)
+    except TypeError as e:
+        raise ValueError(f"bad hyperparameters {kw!r} for scorer {name!r}: {e}") from e

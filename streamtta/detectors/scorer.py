@@ -1,0 +1,260 @@
+"""Shared machinery of the OOD scorers: hold-out calibration, adaptive threshold, gate.
+
+:class:`ThresholdedScorer.fit` splits the source data it is given: the state (prototypes, class
+means, reservoir) is built on one part and the threshold is set at ``tpr`` (95% ID-TPR) on the
+held-out part, so the threshold is not biased low by scoring the very samples the state was built
+from. ``threshold_mode="otsu"`` swaps in OWTTT's adaptive Otsu threshold over a queue of recent
+scores (fed by :meth:`ThresholdedScorer.score_and_flag` / :meth:`observe`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from streamtta.detectors.base import OODScorer
+from streamtta.detectors.thresholds import OtsuThreshold, tpr_threshold
+
+THRESHOLD_MODES = ("tpr", "otsu")
+
+
+def to_numpy(x: Any, dtype: Any = np.float32) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu")
+        x = x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def to_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float()
+    return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
+def softmax_np(logits: Any) -> np.ndarray:
+    z = to_numpy(logits, np.float64)
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+class ThresholdedScorer(OODScorer):
+    """Base class of the concrete scorers (hyperparameters shared by all of them).
+
+    Parameters
+    ----------
+    tpr
+        Fraction of hold-out ID samples that the calibrated threshold accepts.
+    threshold_mode
+        ``"tpr"`` (fixed, calibrated) or ``"otsu"`` (adaptive over recent scores).
+    calib_fraction
+        Fraction of the data given to :meth:`fit` / :meth:`recalibrate` held out for the
+        threshold (0 = use all of it for both, biased).
+    otsu_queue, otsu_min_fill
+        Queue length and warm-up of the adaptive threshold.
+    seed
+        Seed of the calibration split.
+    """
+
+    name = "thresholded"
+
+    def __init__(self, tpr: float = 0.95, threshold_mode: str = "tpr", calib_fraction: float = 0.2,
+                 otsu_queue: int = 512, otsu_min_fill: int = 64, seed: int = 0) -> None:
+        if not 0.0 < tpr < 1.0:
+            raise ValueError(f"tpr must be in (0, 1), got {tpr}")
+        if threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+        if not 0.0 <= calib_fraction < 1.0:
+            raise ValueError(f"calib_fraction must be in [0, 1), got {calib_fraction}")
+        self.tpr = float(tpr)
+        self.threshold_mode = threshold_mode
+        self.calib_fraction = float(calib_fraction)
+        self.seed = int(seed)
+        self.calibrated_threshold = float("inf")
+        self.otsu = OtsuThreshold(queue_size=otsu_queue, min_fill=otsu_min_fill)
+        self.fitted = False
+
+    # -- hooks for subclasses ------------------------------------------------------------
+    def _fit(self, features: Any, logits: Any, labels: Any | None) -> None:
+        """Build the scorer's state from ID source data (stateless scorers: nothing)."""
+
+    def _refit(self, features: Any, logits: Any, labels: Any | None) -> None:
+        """Re-estimate state from recent trusted samples (default: keep the state)."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    # -- threshold -----------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:  # type: ignore[override]
+        if self.threshold_mode == "otsu":
+            return float(self.otsu.value)
+        return float(self.calibrated_threshold)
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.calibrated_threshold = float(value)
+        self.otsu.fallback = float(value)
+        if len(self.otsu.queue) < self.otsu.min_fill:
+            self.otsu.value = float(value)
+
+    def _split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.random.default_rng(self.seed).permutation(n)
+        n_cal = int(round(self.calib_fraction * n))
+        if n_cal < 20 or n - n_cal < 20:
+            return idx, idx
+        return idx[n_cal:], idx[:n_cal]
+
+    @staticmethod
+    def _take(x: Any, idx: np.ndarray) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, torch.Tensor):
+            return x[torch.as_tensor(idx, device=x.device)]
+        return np.asarray(x)[idx]
+
+    def fit(self, features: Any, logits: Any, labels: Any | None = None) -> "ThresholdedScorer":
+        """Build state on source ID data and calibrate the threshold on a held-out part of it."""
+        n = len(features)
+        if n == 0:
+            raise ValueError(f"{type(self).__name__}.fit got zero samples")
+        if logits is not None and len(logits) != n:
+            raise ValueError(f"{n} feature rows but {len(logits)} logit rows")
+        build, cal = self._split(n)
+        self._fit(self._take(features, build), self._take(logits, build), self._take(labels, build))
+        self.fitted = True
+        self.calibrate(self._take(features, cal), self._take(logits, cal))
+        self.otsu.reset()
+        self.otsu.value = self.calibrated_threshold
+        return self
+
+    def calibrate(self, features: Any, logits: Any) -> float:
+        """Set the threshold at ``tpr`` of the scores of ID samples ``(features, logits)``."""
+        self.threshold = tpr_threshold(self.score(features, logits), self.tpr)
+        return self.calibrated_threshold
+
+    def recalibrate(self, features: Any, logits: Any, labels: Any | None = None) -> None:
+        """Re-estimate state and threshold from recent trusted (ID-accepted) samples.
+
+        ``labels`` default to the argmax of ``logits`` (pseudo-labels). The adaptive queue is
+        cleared so the Otsu threshold restarts from the new calibrated value.
+        """
+        n = len(features)
+        if n == 0:
+            raise ValueError("recalibrate got zero samples")
+        build, cal = self._split(n)
+        self._refit(self._take(features, build), self._take(logits, build), self._take(labels, build))
+        self.calibrate(self._take(features, cal), self._take(logits, cal))
+        self.otsu.reset()
+        self.otsu.value = self.calibrated_threshold
+
+    def observe(self, scores: Any) -> float:
+        """Feed a batch of scores to the adaptive threshold; returns the current threshold."""
+        if self.threshold_mode == "otsu":
+            self.otsu.update(scores)
+        return self.threshold
+
+    def score_and_flag(self, features: Any, logits: Any, observe: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, is_ood flags)`` of one batch; updates the adaptive threshold first."""
+        scores = self.score(features, logits)
+        if observe:
+            self.observe(scores)
+        return scores, self.is_ood(scores)
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(features, logits, labels) first")
+
+    # -- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "threshold": self.calibrated_threshold, "threshold_mode": self.threshold_mode,
+                "otsu": self.otsu.state_dict(), "fitted": self.fitted, **self._extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name", self.name) != self.name:
+            raise ValueError(f"state of scorer {state.get('name')!r} cannot be loaded into {self.name!r}")
+        self.calibrated_threshold = float(state["threshold"])
+        self.threshold_mode = state.get("threshold_mode", self.threshold_mode)
+        if "otsu" in state:
+            self.otsu.load_state_dict(state["otsu"])
+        self.fitted = bool(state.get("fitted", True))
+        self._load_extra_state(state)
+
+
+class ScoringGate:
+    """A :data:`streamtta.adapters.base.Gate` that scores each batch once and keeps the result.
+
+    ``gate(logits, features)`` returns True for samples accepted as ID; ``last_scores`` and
+    ``last_flags`` hold the batch's scores and OOD flags for the run log and monitors.
+    """
+
+    def __init__(self, scorer: OODScorer, extra: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        self.scorer = scorer
+        self.extra = extra
+        self.last_scores: np.ndarray | None = None
+        self.last_flags: np.ndarray | None = None
+
+    def __call__(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.scorer, ThresholdedScorer):
+            scores, flags = self.scorer.score_and_flag(features, logits)
+        else:
+            scores = self.scorer.score(features, logits)
+            flags = self.scorer.is_ood(scores)
+        self.last_scores, self.last_flags = scores, flags
+        ok = torch.as_tensor(~flags, device=logits.device)
+        if self.extra is not None:
+            ok = ok & self.extra(logits, features).to(ok.device).bool()
+        return ok
+
+
+class FeatureCentering:
+    """``normalize(f - mu)``: optional centering on the source feature mean, then L2 norm.
+
+    Penultimate features after a ReLU all live in the positive orthant, where cosines are crowded
+    near 1; subtracting the source mean spreads them out (as SSD+/PALM standardise). ``momentum``
+    > 0 tracks the mean online from trusted samples (covariate drift).
+    """
+
+    def __init__(self, center: bool = True, momentum: float = 0.0) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"center momentum must be in [0, 1), got {momentum}")
+        self.center = bool(center)
+        self.momentum = float(momentum)
+        self.mean: np.ndarray | None = None
+
+    def fit(self, features: Any) -> "FeatureCentering":
+        f = to_numpy(features)
+        self.mean = f.mean(0).astype(np.float32) if self.center else np.zeros(f.shape[1], np.float32)
+        return self
+
+    def update(self, features: Any) -> None:
+        f = to_numpy(features)
+        if self.center and self.momentum > 0 and len(f) and self.mean is not None:
+            w = self.momentum ** len(f)
+            self.mean = (w * self.mean + (1 - w) * f.mean(0)).astype(np.float32)
+
+    def __call__(self, features: Any) -> np.ndarray:
+        if self.mean is None:
+            raise RuntimeError("FeatureCentering is not fitted")
+        f = to_numpy(features) - self.mean
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"center": self.center, "mean": None if self.mean is None else self.mean.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.center = bool(state["center"])
+        self.mean = None if state["mean"] is None else np.asarray(state["mean"], np.float32).copy()
+
+
+def confident_mask(logits: Any, accepted: Any | None, min_conf: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, pseudo_labels)``: accepted samples whose max softmax is at least ``min_conf``."""
+    p = softmax_np(logits)
+    mask = p.max(1) >= min_conf
+    if accepted is not None:
+        mask &= to_numpy(accepted, bool).reshape(-1)
+    return mask, p.argmax(1)

@@ -1,0 +1,505 @@
+"""The engine loop: decode -> adapt -> score -> monitor -> alert -> sinks -> checkpoint -> commit.
+
+One :class:`Engine` drives any :class:`~streamtta.stream.base.Source` (Kafka or in-memory replay, so
+offline simulations take exactly the live code path). Per batch of records:
+
+1. **decode** every record (:func:`streamtta.stream.envelope.decode_value`); a record that fails goes to
+   the dead-letter sink with its origin and error, and the batch goes on;
+2. **group** the good samples by state key (partition by default, or stream id) -- each key has its own
+   :class:`StreamState` (adapter, OOD scorer, shift monitor, alert policy), created fresh or restored from
+   its checkpoint;
+3. **adapter step** (pre-update logits and features); the engine passes a *gate* that scores the batch
+   and keeps OOD-flagged samples out of every update;
+4. **OOD scorer** (higher = more OOD), online scorer update from ID-accepted samples;
+5. **shift monitor** on batch-level signals (OOD rate, mean entropy of accepted-ID samples, mean score),
+   optional **re-adaptation** on a confirmed shift, **alert policy** (cooldown: one shift, one alert);
+6. **sinks**: predictions (id = f(topic, partition, offset)), alerts (topic + JSONL);
+7. after the whole batch: **flush** every sink, **checkpoint** the touched states atomically, and only then
+   **commit** ``last processed offset + 1`` per partition.
+
+Crash semantics: outputs are flushed before the checkpoint and the checkpoint (which stores the next
+offset per partition) before the commit. On restart, records at offsets the restored checkpoint already
+covers are skipped, so a crash between checkpoint and commit repeats nothing; a crash between flush and
+checkpoint repeats at most one batch of outputs (with identical deterministic ids).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from streamtta.config import Config
+from streamtta.detectors.alerts import Alert, AlertKind, OffsetRange, Severity, deterministic_id
+from streamtta.detectors.events import GuardResetEvent
+from streamtta.runlog import BatchRecord, RunLog
+from streamtta.stream.base import DeadLetter, Sink, Source, TopicPartition
+from streamtta.stream.envelope import DecodeError, DecodeLimits, decode_value
+from streamtta.types import RawRecord, Sample, StepOutput
+
+log = logging.getLogger("streamtta.engine")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+class CheckpointStore:
+    """Atomic per-key state files: write to a temp file in the same directory, fsync, ``os.replace``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        return self.directory / f"{safe}-{digest}.pt"
+
+    def save(self, key: str, state: dict[str, Any]) -> None:
+        target = self.path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        p = self.path(key)
+        if not p.exists():
+            return None
+        # our own files; they hold pickled river detectors, so weights_only cannot be used here
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-stream state
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StreamState:
+    key: str
+    adapter: Any
+    scorer: Any
+    monitor: Any | None
+    policy: Any
+    readapter: Any | None = None
+    burst: Any | None = None
+    batch_index: int = 0
+    n_samples: int = 0
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "adapter": self.adapter.state_dict(),
+            "scorer": self.scorer.state_dict(),
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+            "policy": self.policy.state_dict(),
+            "readapter": self.readapter.state_dict() if self.readapter is not None else None,
+            "burst": self.burst.state_dict() if self.burst is not None else None,
+            "batch_index": self.batch_index,
+            "n_samples": self.n_samples,
+            "next_offsets": {f"{t}\x00{p}": o for (t, p), o in self.next_offsets.items()},
+        }
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.adapter.load_state_dict(st["adapter"])
+        self.scorer.load_state_dict(st["scorer"])
+        if self.monitor is not None and st.get("monitor") is not None:
+            self.monitor.load_state_dict(st["monitor"])
+        self.policy.load_state_dict(st["policy"])
+        if self.readapter is not None and st.get("readapter") is not None:
+            self.readapter.load_state_dict(st["readapter"])
+        if self.burst is not None and st.get("burst") is not None:
+            self.burst.load_state_dict(st["burst"])
+        self.batch_index = int(st["batch_index"])
+        self.n_samples = int(st["n_samples"])
+        self.next_offsets = {}
+        for k, o in st["next_offsets"].items():
+            t, p = k.split("\x00")
+            self.next_offsets[(t, int(p))] = int(o)
+
+
+class Components:
+    """Builds the per-stream components from the config and the loaded source model.
+
+    The OOD scorer is calibrated once on the source hold-out; each new stream gets a deep copy.
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, meta: Any | None, *,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        from streamtta.adapters import DEFAULT_SPEC, build_adapter
+        from streamtta.detectors import DEFAULT_SCORER, build_scorer
+
+        self.cfg = cfg
+        self.model = model.eval()
+        self.meta = meta
+        self.classes: list[int] = list(meta.classes) if meta is not None else list(range(cfg.model.num_classes or 0))
+        if not self.classes:
+            raise ValueError("model.num_classes must be set for models without streamtta metadata")
+        self.num_classes = len(self.classes)
+        self.spec = DEFAULT_SPEC if cfg.adapter.spec == "default" else cfg.adapter.spec
+        self._build_adapter = build_adapter
+        scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
+        self.scorer_name = scorer_name
+        self.base_scorer = build_scorer(scorer_name, **cfg.scorer.options)
+        if cfg.scorer.calibrate:
+            if holdout is None:
+                from streamtta.models.train import source_holdout
+                if meta is None:
+                    raise ValueError("scorer.calibrate needs a model with streamtta metadata (or disable it)")
+                holdout = source_holdout(meta)
+            self._calibrate(*holdout)
+        self.meta_init = None
+        if cfg.monitor.readapt:
+            self.meta_init = self._load_meta_init()
+
+    @torch.no_grad()
+    def _calibrate(self, x: np.ndarray, y: np.ndarray) -> None:
+        from streamtta.models.features import forward_with_features
+
+        logits, feats = forward_with_features(self.model, torch.as_tensor(x, dtype=torch.float32))
+        index = {c: i for i, c in enumerate(self.classes)}
+        yi = torch.as_tensor([index.get(int(v), -1) for v in y])
+        self.base_scorer.fit(feats, logits, yi)
+
+    def _load_meta_init(self) -> Any:
+        from streamtta.detectors.meta import load_meta_init
+
+        return load_meta_init(self.cfg.model.source)
+
+    def new_state(self, key: str) -> StreamState:
+        from streamtta.detectors import AlertPolicy, OODBurstRule, ShiftMonitor
+
+        torch.manual_seed(self.cfg.engine.seed)
+        adapter = self._build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
+        scorer = copy.deepcopy(self.base_scorer)
+        mon_cfg = self.cfg.monitor
+        monitor = (ShiftMonitor(detector=mon_cfg.detector, signals=tuple(mon_cfg.signals),
+                                cooldown_batches=mon_cfg.cooldown_batches, **mon_cfg.options)
+                   if mon_cfg.enabled else None)
+        policy = AlertPolicy(cooldown_batches=self.cfg.alerts.cooldown_batches)
+        readapter = None
+        if self.meta_init is not None:
+            from streamtta.detectors.meta import ReAdapter
+
+            readapter = ReAdapter(self.meta_init)
+        burst = OODBurstRule(**mon_cfg.burst) if mon_cfg.enabled and mon_cfg.burst is not None else None
+        return StreamState(key, adapter, scorer, monitor, policy, readapter, burst)
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Outputs:
+    predictions: Sink | None
+    alerts: list[Sink]
+    dlq: DeadLetter
+
+    def all(self) -> list[Any]:
+        return [s for s in [self.predictions, *self.alerts, self.dlq] if s is not None]
+
+
+class Engine:
+    """Runs the adaptation loop over a source until it ends, a stop is requested or a limit is hit."""
+
+    def __init__(self, cfg: Config, source: Source, outputs: Outputs, components: Components, *,
+                 store: CheckpointStore | None = None, runlog: RunLog | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.outputs = outputs
+        self.components = components
+        self.store = store
+        self.runlog = runlog
+        self.on_batch = on_batch
+        self.states: dict[str, StreamState] = {}
+        self.stop_event = threading.Event()
+        self.records_seen = 0
+        self.samples_processed = 0
+        self.dead_letters = 0
+        self.skipped = 0
+        self.batches = 0
+        self.step_time_s = 0.0
+        self._pending_commit: dict[TopicPartition, int] = {}
+        self._batches_since_ckpt = 0
+        self._dirty: set[str] = set()
+        self._carry: list[RawRecord] = []
+        shape = cfg.engine.expected_shape
+        if shape is None and components.meta is not None:
+            shape = list(components.meta.input_shape)
+        self.limits = DecodeLimits(max_bytes=cfg.engine.max_record_bytes,
+                                   expected_shape=tuple(shape) if shape else None)
+        source.on_revoke(self._on_revoke)
+
+    # -- rebalance ---------------------------------------------------------------------------
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Checkpoint and forget the states of revoked partitions (the new owner restores them)."""
+        self._finish_batch(force=True)
+        lost = {f"{t}:{p}" for t, p in partitions}
+        for key in list(self.states):
+            st = self.states[key]
+            if key in lost or (self.cfg.engine.state_key == "stream_id" and set(st.next_offsets) & set(partitions)):
+                del self.states[key]
+
+    def state_for(self, key: str) -> StreamState:
+        st = self.states.get(key)
+        if st is None:
+            st = self.components.new_state(key)
+            saved = self.store.load(key) if self.store is not None else None
+            if saved is not None:
+                st.load_state_dict(saved)
+                log.info("restored state %s at batch %d", key, st.batch_index)
+            self.states[key] = st
+        return st
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self, *, max_records: int | None = None) -> None:
+        kcfg = self.cfg.kafka
+        bs = self.cfg.engine.batch_size
+        last_data = time.monotonic()
+        # an exception propagates without the final commit: offsets of a half-processed batch are never
+        # committed, so the records are re-delivered after a restart (at-least-once)
+        while not self.stop_event.is_set():
+            self._backpressure()
+            if self._carry:
+                records, self._carry = self._carry, []
+            else:
+                records = self.source.consume(bs, kcfg.poll_timeout_s)
+            if records:
+                last_data = time.monotonic()
+                self.process(records)
+                if max_records is not None and self.records_seen >= max_records:
+                    break
+                continue
+            if kcfg.stop_at_end and self.source.at_end():
+                break
+            if kcfg.idle_timeout_s is not None and time.monotonic() - last_data > kcfg.idle_timeout_s:
+                log.info("no record for %.1f s: stopping", kcfg.idle_timeout_s)
+                break
+        self._finish_batch(force=True)
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    def _pending_outputs(self) -> int:
+        """Outputs queued for delivery (sinks may share one producer, so take the largest count)."""
+        most = 0
+        for s in self.outputs.all():
+            p = getattr(s, "pending", 0)
+            most = max(most, int(p() if callable(p) else p))
+        return most
+
+    def _backpressure(self) -> None:
+        """While too many outputs wait for delivery, pause the input and keep polling until they drain."""
+        limit = self.cfg.kafka.max_pending_outputs
+        if self._pending_outputs() <= limit:
+            return
+        self.source.pause()
+        try:
+            while self._pending_outputs() > limit // 2 and not self.stop_event.is_set():
+                for s in self.outputs.all():
+                    prod = getattr(s, "producer", None)
+                    if prod is not None:
+                        prod.poll(0.05)  # serve delivery reports
+                # keep polling the consumer (group membership, max.poll.interval); paused partitions
+                # deliver nothing, but anything already fetched is kept for the next batch
+                self._carry.extend(self.source.consume(1, 0.0))
+        finally:
+            self.source.resume()
+
+    def process(self, records: list[RawRecord]) -> None:
+        """Process one consumed batch end to end (up to the commit)."""
+        t0 = time.perf_counter()
+        self.records_seen += len(records)
+        groups: dict[str, list[tuple[RawRecord, Sample]]] = defaultdict(list)
+        bad: list[tuple[RawRecord, str]] = []
+        for rec in records:
+            try:
+                sample = decode_value(rec.value, self.limits)
+            except DecodeError as e:
+                bad.append((rec, str(e)))
+                continue
+            key = f"{rec.topic}:{rec.partition}" if self.cfg.engine.state_key == "partition" else sample.stream_id
+            groups[key].append((rec, sample))
+        for rec, err in bad:
+            self.outputs.dlq.send(rec, err)
+        if bad:
+            self.dead_letters += len(bad)
+            self._dead_letter_alert(bad)
+        for key, items in groups.items():
+            st = self.state_for(key)
+            fresh = [(r, s) for r, s in items if r.offset >= st.next_offsets.get((r.topic, r.partition), -1)]
+            self.skipped += len(items) - len(fresh)
+            if fresh:
+                self._process_group(st, fresh, t0)
+                self._dirty.add(key)
+        for rec in records:  # only now: every record of the batch is output (or dead-lettered)
+            tp = (rec.topic, rec.partition)
+            self._pending_commit[tp] = max(self._pending_commit.get(tp, -1), rec.offset + 1)
+        self.batches += 1
+        self._batches_since_ckpt += 1
+        self._finish_batch(force=False)
+        if self.on_batch is not None:
+            self.on_batch(len(records))
+
+    # -- one group = one adapter step ---------------------------------------------------------
+    def _process_group(self, st: StreamState, items: list[tuple[RawRecord, Sample]], t0: float) -> None:
+        comp = self.components
+        x = torch.from_numpy(np.stack([s.x for _, s in items]).astype(np.float32, copy=False))
+        scored: dict[str, Any] = {}
+
+        def gate(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+            scores = st.scorer.score(features, logits)
+            flags = st.scorer.is_ood(scores)
+            scored["scores"], scored["flags"] = scores, flags
+            return torch.from_numpy(~np.asarray(flags, dtype=bool))
+
+        ts = time.perf_counter()
+        out: StepOutput = st.adapter.step(x, gate=gate)
+        if "scores" not in scored:  # gradient-free adapters need no gate; score afterwards
+            gate(out.logits, out.features)
+        scores = np.asarray(scored["scores"], dtype=np.float64)
+        flags = np.asarray(scored["flags"], dtype=bool)
+        accepted = torch.from_numpy(~flags)
+        st.scorer.partial_fit(out.features, out.logits, accepted)
+        step_s = time.perf_counter() - ts
+        self.step_time_s += step_s
+
+        probs = out.logits.softmax(1)
+        conf, pred_idx = probs.max(1)
+        entropy = out.entropy.numpy()
+        preds = [comp.classes[i] for i in pred_idx.tolist()]
+        if st.readapter is not None:
+            st.readapter.observe(x[accepted])
+
+        first, last = items[0][0], items[-1][0]
+        rng = OffsetRange(topic=last.topic, partition=last.partition, first=first.offset, last=last.offset)
+        stream_id = items[-1][1].stream_id
+        signals = {
+            "ood_rate": float(flags.mean()),
+            "id_entropy": float(entropy[~flags].mean()) if (~flags).any() else float("nan"),
+            "mean_score": float(scores.mean()),
+        }
+        events: list[Any] = []
+        shift_kind: str | None = None
+        if st.monitor is not None:
+            ev = st.monitor.update(signals, st.batch_index)
+            if ev is not None:
+                events.append(ev)
+                shift_kind = ev.alert_kind
+                if st.readapter is not None:
+                    ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer)
+                    st.monitor.reset_reference()
+        if st.burst is not None:
+            burst = st.burst.update(signals["ood_rate"], st.batch_index)
+            if burst is not None:
+                events.append(burst)
+        if out.reset:
+            events.append(GuardResetEvent(batch_index=st.batch_index, reason=str(out.info.get("guard", "")),
+                                          evidence={k: v for k, v in out.info.items() if _jsonable(v)}))
+        alerts = st.policy.process(events, stream_id=stream_id, offsets=rng, batch_index=st.batch_index,
+                                   signals=signals)
+
+        # predictions
+        psink = self.outputs.predictions
+        if psink is not None:
+            c = conf.tolist()
+            for i, (rec, s) in enumerate(items):
+                psink.write(s.stream_id, {
+                    "id": deterministic_id("prediction", rec.topic, rec.partition, rec.offset),
+                    "topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+                    "stream_id": s.stream_id, "pred": preds[i], "confidence": round(c[i], 6),
+                    "ood_score": round(float(scores[i]), 6), "ood": bool(flags[i]),
+                    "entropy": round(float(entropy[i]), 6), "batch_index": st.batch_index,
+                    "event_time": s.event_time,
+                })
+        for a in alerts:
+            self._emit_alert(a)
+
+        if self.runlog is not None:
+            self.runlog.append(BatchRecord(
+                index=len(self.runlog.batches), stream_id=stream_id, topic=last.topic, partition=last.partition,
+                first_offset=first.offset, last_offset=last.offset, offsets=[r.offset for r, _ in items],
+                preds=preds, labels=[s.label for _, s in items], ood_scores=scores.tolist(),
+                ood_flags=flags.tolist(), is_unknown=[s.is_unknown for _, s in items],
+                domains=[s.domain for _, s in items], entropy=entropy.tolist(),
+                updated=out.update_mask.tolist(), latency_s=time.perf_counter() - t0, step_s=step_s,
+                shift=shift_kind, reset=out.reset, info={k: v for k, v in out.info.items() if _jsonable(v)},
+            ))
+        for r, _ in items:
+            tp = (r.topic, r.partition)
+            st.next_offsets[tp] = max(st.next_offsets.get(tp, -1), r.offset + 1)
+        st.batch_index += 1
+        st.n_samples += len(items)
+        self.samples_processed += len(items)
+
+    def _dead_letter_alert(self, bad: list[tuple[RawRecord, str]]) -> None:
+        first, last = bad[0][0], bad[-1][0]
+        alert = Alert.create(AlertKind.dead_letter, stream_id=f"{first.topic}:{first.partition}",
+                             offsets=OffsetRange(topic=first.topic, partition=first.partition,
+                                                 first=first.offset, last=last.offset),
+                             severity=Severity.warning, message=f"{len(bad)} record(s) sent to the dead-letter topic",
+                             evidence={"count": len(bad), "first_error": bad[0][1][:500]},
+                             action="dead_lettered")
+        self._emit_alert(alert)
+
+    def _emit_alert(self, alert: Alert) -> None:
+        doc = alert.model_dump(mode="json")
+        for sink in self.outputs.alerts:
+            sink.write(alert.stream_id, doc)
+        if self.runlog is not None:
+            self.runlog.alerts.append(doc)
+
+    # -- flush, checkpoint, commit -------------------------------------------------------------
+    def _finish_batch(self, *, force: bool) -> None:
+        if not self._pending_commit:
+            return
+        if not force and self._batches_since_ckpt < self.cfg.engine.checkpoint_every:
+            return
+        for sink in self.outputs.all():
+            sink.flush()
+        if self.store is not None:
+            for key in sorted(self._dirty):
+                if key in self.states:
+                    self.store.save(key, self.states[key].state_dict())
+        self._dirty.clear()
+        self.source.commit(dict(self._pending_commit))
+        self._pending_commit.clear()
+        self._batches_since_ckpt = 0
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool, type(None)))
+
+
+def iter_chunks(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
+    buf: list[Any] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -1,0 +1,333 @@
+"""High-level jobs behind the CLI: ``run`` (Kafka end to end), ``simulate`` (offline replay through the
+same engine path) and the reproducibility manifest every run writes next to its results."""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import platform
+import resource
+import signal
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from streamtta.config import Config
+from streamtta.engine import CheckpointStore, Components, Engine, Outputs
+from streamtta.runlog import RunLog
+from streamtta.types import RawRecord
+
+log = logging.getLogger("streamtta")
+
+SIM_TOPIC = "sim"
+DEFAULT_MODEL = "digits-resnet"
+
+
+def use_scenario_model(cfg: Config, scenario: Any) -> None:
+    """A scenario names the model it was made for; it is used unless ``model.source`` is set."""
+    if cfg.model.source is None and getattr(scenario, "model", None):
+        cfg.model.source = scenario.model
+
+
+# ----------------------------------------------------------------------------------------------
+# reproducibility
+# ----------------------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    import faiss
+    import river
+
+    import streamtta
+
+    out = {"streamtta": getattr(streamtta, "__version__", "0"), "python": platform.python_version(),
+           "torch": torch.__version__, "numpy": np.__version__, "river": river.__version__,
+           "faiss": faiss.__version__, "platform": platform.platform()}
+    try:
+        import confluent_kafka
+
+        out["confluent_kafka"] = confluent_kafka.version()[0]
+        out["librdkafka"] = confluent_kafka.libversion()[0]
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def new_run_dir(base: str | Path, label: str | None = None) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{label}" if label else stamp
+    d = Path(base) / name
+    n = 1
+    while d.exists():
+        n += 1
+        d = Path(base) / f"{name}-{n}"
+    d.mkdir(parents=True)
+    return d
+
+
+def write_manifest(run_dir: Path, cfg: Config, *, seed: int, stream: dict[str, Any] | None,
+                   command: list[str] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Resolved config (TOML + JSON), seed, versions and stream description next to the results."""
+    import tomli_w
+
+    resolved = cfg.to_dict()
+    (run_dir / "config.toml").write_text(tomli_w.dumps(_drop_none(resolved)))
+    manifest = {"created_at": datetime.now().isoformat(timespec="seconds"), "seed": seed,
+                "command": command if command is not None else sys.argv, "versions": versions(),
+                "config": resolved, "stream": stream, **(extra or {})}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------
+def load_source_model(cfg: Config) -> tuple[torch.nn.Module, Any]:
+    from streamtta.models.registry import load_model
+
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    model, meta = load_model(cfg.model.source or DEFAULT_MODEL, state_dict=cfg.model.state_dict)
+    return model.eval(), meta
+
+
+def resolve_scenario(name_or_path: str) -> Path:
+    """A scenario name (``simulations/<name>.toml``, searched next to the package and in the cwd) or a path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    roots = [Path.cwd() / "simulations", Path(__file__).resolve().parent.parent / "simulations"]
+    for root in roots:
+        cand = root / f"{name_or_path}.toml"
+        if cand.is_file():
+            return cand
+    known = sorted({q.stem for r in roots if r.is_dir() for q in r.glob("*.toml")})
+    raise FileNotFoundError(f"scenario {name_or_path!r} not found; known scenarios: {', '.join(known) or 'none'}")
+
+
+def encoded_records(stream: Any, topic: str = SIM_TOPIC) -> Iterator[RawRecord]:
+    from streamtta.stream.envelope import encode_tensor
+
+    for i, s in enumerate(stream.iter_samples()):
+        yield RawRecord(topic=topic, partition=0, offset=i, key=s.stream_id.encode(),
+                        value=encode_tensor(s.x, s.stream_id, label=s.label, event_time=s.event_time,
+                                            domain=s.domain, is_unknown=s.is_unknown))
+
+
+@contextmanager
+def progress_bar(total: int | None, description: str, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar; yields ``advance(n)``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, transient=False) as prog:
+        task = prog.add_task(description, total=total, rate="")
+        t0 = time.perf_counter()
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            dt = time.perf_counter() - t0
+            prog.update(task, advance=n, rate=f"{done[0] / dt:,.0f} rec/s" if dt > 0 else "")
+
+        yield advance
+
+
+@dataclass
+class RunResult:
+    log: RunLog
+    stats: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+def engine_stats(engine: Engine, wall_s: float) -> dict[str, Any]:
+    return {"records": engine.records_seen, "samples": engine.samples_processed,
+            "dead_letters": engine.dead_letters, "skipped_already_checkpointed": engine.skipped,
+            "batches": engine.batches, "wall_s": round(wall_s, 3),
+            "samples_per_s": round(engine.samples_processed / wall_s, 1) if wall_s > 0 else None,
+            "adapter_step_s": round(engine.step_time_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# offline simulation (same engine code path as Kafka)
+# ----------------------------------------------------------------------------------------------
+def simulate(cfg: Config, scenario_path: str | Path, *, seed: int | None = None, progress: bool = True,
+             components: Components | None = None, run_dir: Path | None = None, stream: Any = None,
+             limit: int | None = None) -> RunResult:
+    """Replay a scenario through the engine with an in-memory source and sinks.
+
+    ``stream`` reuses an already built stream (benchmarks build each (scenario, seed) stream once);
+    ``limit`` keeps only its first samples. Scenarios with ``reset_each_domain`` start every domain
+    from a fresh adaptation state (the oracle-boundary protocol of TTA benchmarks).
+    """
+    import itertools
+
+    from streamtta.simulations.scenario import build_stream, load_scenario
+    from streamtta.stream.memory import JsonlSink, MemoryDeadLetter, MemorySink, MemorySource
+
+    scenario = load_scenario(scenario_path)
+    seed = cfg.engine.seed if seed is None else seed
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if stream is None:
+        stream = build_stream(scenario, seed)
+    if components is None:
+        cfg = cfg.model_copy(deep=True)
+        use_scenario_model(cfg, scenario)
+        model, meta = load_source_model(cfg)
+        components = Components(cfg, model, meta)
+    alerts: list[Any] = [MemorySink()]
+    if run_dir is not None and cfg.alerts.jsonl:
+        alerts.append(JsonlSink(run_dir / "alerts.jsonl"))
+    outputs = Outputs(predictions=None, alerts=alerts, dlq=MemoryDeadLetter())
+    total = len(stream) if limit is None else min(limit, len(stream))
+    records = itertools.islice(encoded_records(stream), total)
+    sim_cfg = cfg.model_copy(deep=True)
+    sim_cfg.kafka.stop_at_end = True
+    sim_cfg.kafka.poll_timeout_s = 0.001
+    if getattr(scenario, "reset_each_domain", False):
+        segments = [list(g) for _, g in itertools.groupby(records, key=_record_domain)]
+    else:
+        segments = [records]
+    runlog = RunLog(change_points=[c for c in stream.change_points if c < total])
+    t0 = time.perf_counter()
+    totals = {"records": 0, "samples": 0, "dead_letters": 0, "batches": 0, "step": 0.0}
+    with progress_bar(total, f"simulate {scenario.name}", progress) as advance:
+        for seg in segments:
+            engine = Engine(sim_cfg, MemorySource(seg), outputs, components, store=None, runlog=runlog,
+                            on_batch=advance)
+            engine.run()
+            totals["records"] += engine.records_seen
+            totals["samples"] += engine.samples_processed
+            totals["dead_letters"] += engine.dead_letters
+            totals["batches"] += engine.batches
+            totals["step"] += engine.step_time_s
+    wall = time.perf_counter() - t0
+    runlog.wall_s = wall
+    runlog.peak_rss_mb = peak_rss_mb()
+    runlog.dead_letters = totals["dead_letters"]
+    stats = {"records": totals["records"], "samples": totals["samples"], "dead_letters": totals["dead_letters"],
+             "batches": totals["batches"], "wall_s": round(wall, 3),
+             "samples_per_s": round(totals["samples"] / wall, 1) if wall > 0 else None,
+             "adapter_step_s": round(totals["step"], 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+             "stream": stream.describe()}
+    return RunResult(runlog, stats, run_dir)
+
+
+def _record_domain(rec: RawRecord) -> str | None:
+    from streamtta.stream.envelope import decode_value
+
+    return decode_value(rec.value).domain
+
+
+# ----------------------------------------------------------------------------------------------
+# signals
+# ----------------------------------------------------------------------------------------------
+@contextmanager
+def graceful_shutdown(engine: Engine) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the engine to stop after the current batch (flush, checkpoint, commit)."""
+    old = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        log.warning("signal %d received: finishing the current batch and stopping", signum)
+        engine.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not in the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kafka end to end
+# ----------------------------------------------------------------------------------------------
+def build_kafka_engine(cfg: Config, bootstrap: str, components: Components, run_dir: Path | None,
+                       runlog: RunLog | None) -> tuple[Engine, ExitStack]:
+    from streamtta.stream.kafka import KafkaDeadLetter, KafkaSink, KafkaSource, make_producer
+    from streamtta.stream.memory import JsonlSink
+
+    k = cfg.kafka
+    stack = ExitStack()
+    producer = make_producer(bootstrap, **k.producer)
+    stack.callback(producer.flush, 30)
+    preds = KafkaSink(producer, k.resolved_predictions_topic()) if k.predictions else None
+    alerts: list[Any] = []
+    if cfg.alerts.kafka:
+        alerts.append(KafkaSink(producer, k.resolved_alerts_topic()))
+    if cfg.alerts.jsonl and run_dir is not None:
+        alerts.append(JsonlSink(run_dir / "alerts.jsonl"))
+    dlq = KafkaDeadLetter(producer, k.resolved_dlq_topic())
+    source = KafkaSource(bootstrap, [k.topic], k.group_id, overrides=dict(k.consumer), stop_at_end=k.stop_at_end)
+    stack.callback(source.close)
+    store = CheckpointStore(cfg.engine.checkpoint_dir)
+    engine = Engine(cfg, source, Outputs(preds, alerts, dlq), components, store=store, runlog=runlog)
+    return engine, stack
+
+
+def consume(cfg: Config, bootstrap: str, *, components: Components | None = None, run_dir: Path | None = None,
+            total: int | None = None, progress: bool = True, max_records: int | None = None) -> RunResult:
+    """Run the engine against Kafka until the stream ends (``kafka.stop_at_end``), a signal or a limit."""
+    from streamtta.stream.kafka import ensure_topics
+
+    if components is None:
+        model, meta = load_source_model(cfg)
+        components = Components(cfg, model, meta)
+    k = cfg.kafka
+    ensure_topics(bootstrap, {k.topic: k.partitions, k.resolved_dlq_topic(): 1,
+                              k.resolved_predictions_topic(): k.partitions, k.resolved_alerts_topic(): 1})
+    runlog = RunLog() if cfg.engine.record_log else None
+    engine, stack = build_kafka_engine(cfg, bootstrap, components, run_dir, runlog)
+    t0 = time.perf_counter()
+    with stack, graceful_shutdown(engine), progress_bar(total, f"consume {k.topic}", progress) as advance:
+        engine.on_batch = advance
+        engine.run(max_records=max_records)
+    wall = time.perf_counter() - t0
+    if runlog is not None:
+        runlog.wall_s = wall
+        runlog.peak_rss_mb = peak_rss_mb()
+        runlog.dead_letters = engine.dead_letters
+    stats = engine_stats(engine, wall)
+    # engine <-> source callbacks form a cycle: collect it now so the producer/consumer handles close
+    # while the broker is still up (no reconnect noise from librdkafka after an embedded broker stops)
+    del engine, stack
+    gc.collect()
+    return RunResult(runlog or RunLog(), stats, run_dir)
+
+
+def bare_model_throughput(model: torch.nn.Module, x: np.ndarray, batch_size: int, repeats: int = 1) -> float:
+    """samples/s of the plain source model's forward pass on the same batches (engine-overhead baseline)."""
+    model = model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    with torch.no_grad():
+        model(xt[:batch_size])  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for i in range(0, len(xt), batch_size):
+                model(xt[i:i + batch_size])
+        dt = time.perf_counter() - t0
+    return repeats * len(xt) / dt

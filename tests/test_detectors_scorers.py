@@ -1,0 +1,155 @@
+"""OOD scorers: polarity, 95% TPR calibration, Otsu threshold, state, registry."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from streamtta.detectors import DEFAULT_SCORER, SCORERS, ScoringGate, build_scorer
+from streamtta.detectors.thresholds import OtsuThreshold, otsu_threshold, tpr_threshold
+
+DIM, C = 16, 4
+
+
+def id_data(n, seed):
+    """ReLU features: class c is active on dims 3c..3c+2; logits from a matching linear head."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    mu = np.zeros((C, DIM))
+    for c in range(C):
+        mu[c, 3 * c : 3 * c + 3] = 3.0
+    f = np.maximum(mu[y] + 0.5 * rng.normal(size=(n, DIM)), 0).astype(np.float32)
+    return f, logits_of(f), y
+
+
+def ood_data(n, seed):
+    """Unknown class: active on dims 12..15 (no known class uses them), weaker overall."""
+    rng = np.random.default_rng(seed)
+    mu = np.zeros(DIM)
+    mu[12:] = 2.0
+    mu[:12] = 0.6
+    f = np.maximum(mu + 0.5 * rng.normal(size=(n, DIM)), 0).astype(np.float32)
+    return f, logits_of(f)
+
+
+def logits_of(f):
+    w = np.zeros((DIM, C), np.float32)
+    for c in range(C):
+        w[3 * c : 3 * c + 3, c] = 1.0
+    return torch.from_numpy(f @ w * 1.5)
+
+
+ALL = sorted(SCORERS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_polarity_ood_scores_higher(name):
+    f, lo, y = id_data(600, 0)
+    s = build_scorer(name).fit(torch.from_numpy(f), lo, torch.from_numpy(y))
+    fi, li, _ = id_data(300, 1)
+    fo, lo_ = ood_data(300, 2)
+    si, so = s.score(fi, li), s.score(fo, lo_)
+    assert si.shape == (300,) and np.isfinite(si).all()
+    assert so.mean() > si.mean()
+    auc = roc_auc_score(np.r_[np.zeros(300), np.ones(300)], np.r_[si, so])
+    assert auc > 0.9, f"{name}: AUROC {auc:.3f}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_threshold_accepts_95_percent_of_id(name):
+    f, lo, y = id_data(1000, 3)
+    s = build_scorer(name, calib_fraction=0.3).fit(f, lo, y)
+    fi, li, _ = id_data(3000, 4)  # fresh ID samples from the same distribution
+    tpr = float((~s.is_ood(s.score(fi, li))).mean())
+    assert 0.91 <= tpr <= 0.99, f"{name}: TPR {tpr:.3f}"
+    # calibrate() sets the threshold exactly at the 95% quantile of the given scores
+    s.calibrate(fi, li)
+    assert abs(float((~s.is_ood(s.score(fi, li))).mean()) - 0.95) < 0.005
+
+
+def test_tpr_threshold_and_errors():
+    assert tpr_threshold(np.arange(101.0), 0.9) == pytest.approx(90.0)
+    with pytest.raises(ValueError, match="tpr"):
+        tpr_threshold([1.0, 2.0], 1.5)
+    with pytest.raises(ValueError, match="unknown OOD scorer"):
+        build_scorer("nope")
+    with pytest.raises(ValueError, match="bad hyperparameters"):
+        build_scorer("energy", colour="red")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        build_scorer("prototype").score(np.ones((2, 3)), None)
+
+
+def test_otsu_on_bimodal_queue():
+    rng = np.random.default_rng(0)
+    lo, hi = rng.normal(0.2, 0.03, 400), rng.normal(0.7, 0.04, 112)
+    t = otsu_threshold(np.r_[lo, hi])
+    assert lo.max() < t < hi.min()
+    q = OtsuThreshold(queue_size=512, min_fill=64, fallback=5.0)
+    assert q.update(lo[:10]) == 5.0  # not enough scores yet: fallback
+    q.update(rng.permutation(np.r_[lo, hi]))
+    assert lo.max() < q.value < hi.min()
+    # FIFO: after a long run of low scores only, the old high mode is gone from the queue
+    q.update(rng.normal(0.2, 0.03, 512))
+    assert len(q.queue) == 512 and max(q.queue) < 0.5
+
+
+def test_scorer_otsu_mode_uses_recent_scores():
+    f, lo, y = id_data(600, 0)
+    s = build_scorer("prototype", threshold_mode="otsu", otsu_min_fill=32).fit(f, lo, y)
+    calibrated = s.threshold
+    fi, li, _ = id_data(200, 1)
+    fo, lo_ = ood_data(200, 2)
+    x = np.r_[fi, fo]
+    logits = torch.cat([li, lo_])
+    scores, flags = s.score_and_flag(x, logits)
+    assert s.threshold != calibrated
+    assert flags[200:].mean() > 0.9 and flags[:200].mean() < 0.1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_round_trip(name):
+    f, lo, y = id_data(400, 0)
+    s = build_scorer(name).fit(f, lo, y)
+    s.partial_fit(f[:64], lo[:64], torch.ones(64, dtype=torch.bool))
+    t = build_scorer(name)
+    t.load_state_dict(s.state_dict())
+    fi, li, _ = id_data(50, 9)
+    np.testing.assert_allclose(s.score(fi, li), t.score(fi, li), rtol=1e-6, atol=1e-6)
+    assert t.threshold == s.threshold
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        build_scorer("energy" if name != "energy" else "msp").load_state_dict(s.state_dict())
+
+
+def test_prototype_partial_fit_follows_covariate_drift():
+    f, lo, y = id_data(600, 0)
+    s = build_scorer("prototype", momentum=0.9, update_min_conf=0.5).fit(f, lo, y)
+    fi, li, _ = id_data(400, 5)
+    drifted = fi + np.float32(1.0) * (np.arange(DIM) % 2)  # shift of the feature distribution
+    before = s.score(drifted, li).mean()
+    for i in range(0, 400, 50):
+        s.partial_fit(drifted[i : i + 50], li[i : i + 50], torch.ones(50, dtype=torch.bool))
+    assert s.score(drifted, li).mean() < before
+    # samples the engine flagged OOD never move the prototypes
+    s2 = build_scorer("prototype").fit(f, lo, y)
+    v = s2.memory.vectors_.copy()
+    s2.partial_fit(drifted[:50], li[:50], torch.zeros(50, dtype=torch.bool))
+    np.testing.assert_array_equal(v, s2.memory.vectors_)
+
+
+def test_recalibrate_keeps_classes_missing_from_buffer():
+    f, lo, y = id_data(600, 0)
+    s = build_scorer("prototype").fit(f, lo, y)
+    keep = y != 3
+    s.recalibrate(f[keep], lo[keep])
+    assert sorted(set(s.memory.classes_.tolist())) == [0, 1, 2, 3]
+
+
+def test_fusion_is_default_and_gate_records_scores():
+    assert DEFAULT_SCORER in SCORERS
+    f, lo, y = id_data(400, 0)
+    s = build_scorer(DEFAULT_SCORER).fit(f, lo, y)
+    gate = ScoringGate(s)
+    fo, lo_ = ood_data(10, 1)
+    ok = gate(lo_, torch.from_numpy(fo))
+    assert ok.dtype == torch.bool and ok.shape == (10,)
+    np.testing.assert_array_equal(~ok.numpy(), gate.last_flags)
+    assert gate.last_scores.shape == (10,)

@@ -1,0 +1,173 @@
+"""Meta-OOD re-adaptation: meta_train (tiny), meta-init files, ReAdapter readapt / rollback."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from streamtta.detectors.meta import (
+    ReAdapter,
+    adaptable_parameter_names,
+    load_meta_init,
+    meta_init_path,
+    meta_train,
+    save_meta_init,
+    shuffled_outliers,
+)
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 3)).eval()
+
+
+def toy_data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.2
+    for c in range(3):  # class-specific bright stripe
+        x[y == c, 0, 2 * c + 1, :] += 0.8
+    return x.clamp(0, 1), y
+
+
+def noise(x, name, severity, seed):
+    return np.clip(x + np.random.default_rng(seed).normal(0, 0.05 * severity, x.shape), 0, 1).astype(np.float32)
+
+
+def test_meta_train_changes_adaptable_params_only():
+    net = tiny_net()
+    x, y = toy_data()
+    src = {k: v.clone() for k, v in net.state_dict().items()}
+    init = meta_train(net, {"num_classes": 3}, x, y, steps=4, support_size=16, query_size=16, families=["noise"],
+                      corrupt_fn=noise, progress=False, outer_lr=1e-2)
+    assert sorted(init) == sorted(adaptable_parameter_names(net)) == ["1.bias", "1.weight"]
+    assert all(torch.isfinite(v).all() for v in init.values())
+    assert any(not torch.allclose(init[k], src[k]) for k in init)
+    for k, v in net.state_dict().items():  # the source model itself is untouched
+        assert torch.equal(v, src[k])
+    rep = meta_train(net, None, x, y, steps=2, support_size=16, query_size=16, families=["noise"], corrupt_fn=noise,
+                     algorithm="reptile", progress=False)
+    assert any(not torch.allclose(rep[k], src[k]) for k in rep)
+
+
+def test_meta_train_with_the_corruption_library_and_errors():
+    net = tiny_net()
+    x, y = toy_data(32)
+    init = meta_train(net, None, x, y, steps=1, support_size=8, query_size=8, families=["gaussian_noise"],
+                      progress=False)
+    assert set(init) == {"1.weight", "1.bias"}
+    with pytest.raises(ValueError, match="output indices"):
+        meta_train(net, {"num_classes": 2}, x, y, steps=1, families=["noise"], corrupt_fn=noise, progress=False)
+    with pytest.raises(ValueError, match="algorithm"):
+        meta_train(net, None, x, y, steps=1, algorithm="maml2", corrupt_fn=noise, families=["noise"])
+
+
+def test_shuffled_outliers_keep_pixels_but_not_shape():
+    x, _ = toy_data(6)
+    o = shuffled_outliers(x, torch.Generator().manual_seed(0), patch=4)
+    assert o.shape == x.shape
+    torch.testing.assert_close(o.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    assert not torch.equal(o, x)
+
+
+def test_meta_init_files(tmp_path):
+    ckpt = tmp_path / "toy.pt"
+    path = meta_init_path(ckpt)
+    assert path.name == "toy.meta-init.pt"
+    init = {"1.weight": torch.ones(6), "1.bias": torch.zeros(6)}
+    save_meta_init(init, path, info={"steps": 3})
+    for src in (path, ckpt):
+        back = load_meta_init(src)
+        assert set(back) == set(init) and torch.equal(back["1.weight"], init["1.weight"])
+    with pytest.raises(FileNotFoundError, match="meta-train"):
+        load_meta_init(tmp_path / "other.pt")
+
+
+class FakeAdapter:
+    """The parts of the Adapter interface ReAdapter uses."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def parameters_to_adapt(self):
+        return [p for n, p in self.model.named_parameters() if n.startswith("1.")]
+
+    @torch.no_grad()
+    def features(self, x):
+        f = self.model[:5](x)
+        return self.model[5](f), f
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+        self.threshold = 0.0
+
+    def recalibrate(self, features, logits):
+        self.calls.append((features.shape, logits.shape))
+
+    def reset_reference(self):
+        self.calls.append("reset")
+
+
+def trained_net():
+    net = tiny_net()
+    x, y = toy_data(96, seed=1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    net.train()
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval()
+
+
+def test_readapter_rolls_back_when_proxies_get_worse():
+    net = trained_net()
+    x, _ = toy_data(64)
+    adapter = FakeAdapter(net)
+    before = [p.detach().clone() for p in adapter.parameters_to_adapt()]
+    bad_init = {"1.weight": torch.zeros(6), "1.bias": torch.zeros(6)}  # every input -> same prediction
+    ra = ReAdapter(bad_init, steps=0)
+    for b in range(4):
+        ra.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
+    scorer, mon = Recorder(), Recorder()
+    res = ra.on_shift(adapter, scorer, monitor=mon)
+    assert res["proxies_before"]["hist_entropy"] > 0.5  # diverse predictions before
+    assert res["action"] == "rolled_back"
+    assert res["proxies_after"]["hist_entropy"] < res["proxies_before"]["hist_entropy"]
+    for p, q in zip(adapter.parameters_to_adapt(), before):
+        assert torch.equal(p, q)
+    assert scorer.calls == [] and mon.calls == []
+
+
+def test_readapter_readapts_and_recalibrates():
+    net = tiny_net()
+    x, _ = toy_data(96)
+    adapter = FakeAdapter(net)
+    init = {n: p.detach().clone() for n, p in net.named_parameters() if n.startswith("1.")}
+    with torch.no_grad():  # the adapter drifted away from the meta-init
+        net[1].weight.mul_(0.2)
+    ra = ReAdapter(init, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2)
+    for b in range(6):
+        ra.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
+    scorer, mon = Recorder(), Recorder()
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    res = ra.on_shift(adapter, scorer, monitor=mon)
+    assert res["action"] == "readapted" and res["n_samples"] == 32 and res["n_params_from_meta_init"] == 2
+    assert not torch.allclose(net[1].weight, init["1.weight"] * 0.2)
+    assert len(scorer.calls) == 1 and mon.calls == ["reset"]
+    for k, v in net.named_buffers():  # running statistics untouched
+        assert torch.equal(v, buffers[k])
+
+
+def test_readapter_buffer_is_bounded_and_stateful():
+    ra = ReAdapter({}, buffer_size=40)
+    for b in range(10):
+        ra.observe(torch.full((16, 1, 4, 4), float(b)))
+    assert len(ra) == 40
+    assert float(ra.buffer[-1][1][0, 0, 0, 0]) == 9.0
+    other = ReAdapter({})
+    other.load_state_dict(ra.state_dict())
+    assert len(other) == 40 and other.n_observed_batches == 10
+    assert ReAdapter({}).on_shift(FakeAdapter(tiny_net()))["action"] == "skipped"
