@@ -40,6 +40,7 @@ from streamtta.adapters.norms import (
     label_norms,
     make_norm_factory,
     replace_batchnorms,
+    set_class_prior,
     set_pseudo_labels,
     set_stats_mode,
 )
@@ -171,6 +172,8 @@ class CompositeAdapter(Adapter):
         if prepass == "auto":
             prepass = "source" if (self._needs_source and objective is not None) else "adapted"
         self.prepass = prepass
+        self.label_prior_momentum = 0.0
+        self._label_prior = torch.full((self.num_classes,), 1.0 / self.num_classes)
         self._source_params = {n: p.detach().clone() for n, p in zip(self._param_names, self._params)}
         for g in self.guards:
             g.bind(self)
@@ -222,12 +225,16 @@ class CompositeAdapter(Adapter):
         learn = self.objective is not None
         pre_logits = None
         if self._label_layers:
-            if self.prepass == "source":
-                pre_logits = self._source_forward(x)
-            else:
-                with torch.no_grad(), frozen_stats(self.model):
-                    pre_logits = self.model(x)
-                self._pop_features(pre_logits)
+            set_class_prior(self._label_layers, self._label_prior.to(x.device))
+            try:
+                if self.prepass == "source":
+                    pre_logits = self._source_forward(x)
+                else:
+                    with torch.no_grad(), frozen_stats(self.model):
+                        pre_logits = self.model(x)
+                    self._pop_features(pre_logits)
+            finally:
+                set_class_prior(self._label_layers, None)
             set_pseudo_labels(self._label_layers, pre_logits.softmax(dim=1))
         try:
             with torch.set_grad_enabled(learn):
@@ -272,6 +279,11 @@ class CompositeAdapter(Adapter):
                 info["skipped"] = "non-finite loss"
         # statistics move after the backward pass (the graph still references the old buffers)
         commit_stats(self.model, gate_mask, labels=self._commit_labels(logits, pre_logits))
+        if self._label_layers and bool(gate_mask.any()):
+            hist = torch.bincount(logits.detach()[gate_mask].argmax(dim=1), minlength=self.num_classes).float()
+            hist = hist / hist.sum()
+            mom = self.label_prior_momentum
+            self._label_prior = mom * self._label_prior + (1 - mom) * hist.cpu()
         self.n_steps += 1
 
         fired = None
@@ -312,6 +324,7 @@ class CompositeAdapter(Adapter):
                 "filters": [f.state_dict() for f in self.filters],
                 "guards": [g.state_dict() for g in self.guards],
                 "n_steps": self.n_steps,
+                "label_prior": self._label_prior,
             }
         )
 
@@ -337,6 +350,8 @@ class CompositeAdapter(Adapter):
         for g, s in zip(self.guards, state["guards"]):
             g.load_state_dict(_clone_state(s))
         self.n_steps = int(state.get("n_steps", 0))
+        if state.get("label_prior") is not None:
+            self._label_prior = state["label_prior"].detach().clone()
 
     def __repr__(self) -> str:
         parts = [f"norm={self.norm!r}"]

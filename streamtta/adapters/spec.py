@@ -106,7 +106,7 @@ TERMS: dict[str, TermInfo] = {
             "cb-stats",
             "norm",
             {"alpha": float, "kappa": float, "shift_rate": float, "shift_kappa": float, "var_shift": bool,
-             "soft_shift": bool, **LABEL_ARGS},
+             "soft_shift": bool, "debias_batch": bool, "batch_kappa": float, **LABEL_ARGS},
             {"cb_alpha": "alpha", "kappa": "kappa", "shift_rate": "shift_rate", "shift_kappa": "shift_kappa"},
         ),
         TermInfo("tent", "objective", {"diversity_weight": float, **ADAPTER_ARGS}, _same("diversity_weight")),

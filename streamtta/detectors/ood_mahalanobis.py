@@ -68,6 +68,9 @@ class MahalanobisScorer(ThresholdedScorer):
     def _fit(self, features: Any, logits: Any, labels: Any | None) -> None:
         f = self._prep(features)
         y = self._labels(labels, logits)
+        f, y = f[y >= 0], y[y >= 0]  # negative labels mark unknown / unlabelled rows
+        if len(f) == 0:
+            raise ValueError("MahalanobisScorer.fit got no labelled (label >= 0) samples")
         self.classes = np.unique(y)
         self.means = np.stack([f[y == c].mean(0) for c in self.classes])
         centred = f - self.means[np.searchsorted(self.classes, y)]

@@ -126,13 +126,17 @@ class PrototypeMemory:
 
     # -- building ------------------------------------------------------------------------
     def fit(self, features: Any, labels: Any) -> "PrototypeMemory":
-        """Build the prototypes of every class present in ``labels`` (replaces any old state)."""
+        """Build the prototypes of every class present in ``labels`` (replaces any old state).
+
+        Rows with a negative label (unknown / unlabelled) are ignored.
+        """
         x = l2_normalize(features)
         y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).reshape(-1)
         if len(x) != len(y):
             raise ValueError(f"{len(x)} feature rows for {len(y)} labels")
+        x, y = x[y >= 0], y[y >= 0]  # negative labels mark unknown / unlabelled rows
         if len(x) == 0:
-            raise ValueError("cannot fit a prototype memory on zero samples")
+            raise ValueError("cannot fit a prototype memory on zero labelled samples")
         self._clear(dim=x.shape[1])
         vecs, classes = [], []
         for c in np.unique(y):

@@ -24,7 +24,7 @@ from streamtta.adapters.norms.base import (
     set_stats_mode,
 )
 from streamtta.adapters.norms.bn_adapt import BatchStatsNorm
-from streamtta.adapters.norms.class_balanced import ClassBalancedNorm, label_norms, set_pseudo_labels
+from streamtta.adapters.norms.class_balanced import ClassBalancedNorm, label_norms, set_class_prior, set_pseudo_labels
 from streamtta.adapters.norms.rbn import RobustBatchNorm
 from streamtta.adapters.norms.unmix_tns import UnMixTNS
 
@@ -69,6 +69,7 @@ __all__ = [
     "ClassBalancedNorm",
     "label_norms",
     "set_pseudo_labels",
+    "set_class_prior",
     "NORM_CLASSES",
     "make_norm_factory",
     "replace_batchnorms",

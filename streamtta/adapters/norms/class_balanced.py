@@ -77,6 +77,8 @@ class ClassBalancedNorm(AdaptiveNorm):
         shift_kappa: float = 4.0,
         var_shift: bool = True,
         soft_shift: bool = False,
+        debias_batch: bool = False,
+        batch_kappa: float = 2.0,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, source_mean, source_var)
         if int(num_classes) != num_classes or num_classes < 2:
@@ -94,6 +96,8 @@ class ClassBalancedNorm(AdaptiveNorm):
         self.shift_kappa = float(shift_kappa)
         self.var_shift = bool(var_shift)
         self.soft_shift = bool(soft_shift)
+        self.debias_batch = bool(debias_batch)
+        self.batch_kappa = float(batch_kappa)
         self.register_buffer("slot_means", self.source_mean.expand(self.num_classes, -1).clone())
         self.register_buffer("slot_vars", self.source_var.expand(self.num_classes, -1).clone())
         self.register_buffer("slot_weight", torch.zeros(self.num_classes))
@@ -171,17 +175,49 @@ class ClassBalancedNorm(AdaptiveNorm):
         W = W + a.squeeze(1) * (1 - W)
         return Sm, Sv, W
 
+    def debiased_batch_stats(
+        self, mean_i: torch.Tensor, var_i: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch statistics corrected for the batch's (pseudo-)class mix using the slots' class structure."""
+        B = mean_i.shape[0]
+        if labels.dim() == 1 and labels.is_floating_point() and labels.shape[0] == self.num_classes:
+            pi = labels.to(mean_i) / labels.sum().clamp_min(1e-12)  # a class-mix guess
+        else:
+            pi = self._one_hot(labels, mean_i).mean(dim=0)  # (N,)
+        Sm, Sv = self.slot_means, self.slot_vars
+        mS, vS = self.marginal(Sm, Sv)
+        sd = (vS + self.eps).sqrt()
+        off = (Sm - mS) / sd  # standardised class offsets (N, C)
+        wrel = Sv / (vS + self.eps)  # relative within-class variances
+        o_bar = pi @ off
+        denom = pi @ wrel + pi @ (off - o_bar).pow(2)
+        bm = mean_i.mean(dim=0)
+        bv = var_i.mean(dim=0) + (mean_i - bm).pow(2).mean(dim=0)
+        v = bv / denom.clamp_min(1e-3)
+        m = bm - (v + self.eps).sqrt() * o_bar
+        w = B / (B + self.batch_kappa)
+        v = w * v + (1 - w) * vS + w * (1 - w) * (m - mS).pow(2)
+        m = w * m + (1 - w) * mS
+        return m, v
+
     # -- module API -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if self.stats_mode == "frozen" or self.labels is None:
-            m, v = self.marginal(self.slot_means, self.slot_vars)
+        if self.labels is None or self.stats_mode == "frozen":
+            if self.prior is not None and self.debias_batch:
+                mean_i, var_i = instance_stats(x)
+                m, v = self.debiased_batch_stats(mean_i, var_i, self.prior)
+            else:
+                m, v = self.marginal(self.slot_means, self.slot_vars)
             return affine_normalize(x, m, v, self.weight, self.bias, self.eps)
         if self.labels.shape[0] != x.shape[0]:
             raise ValueError(f"pseudo-labels for {self.labels.shape[0]} samples, batch has {x.shape[0]}")
         mean_i, var_i = instance_stats(x)
-        Sm, Sv, _ = self.updated_slots(mean_i, var_i, self.labels)
-        m, v = self.marginal(Sm, Sv)
+        if self.debias_batch:
+            m, v = self.debiased_batch_stats(mean_i, var_i, self.labels)
+        else:
+            Sm, Sv, _ = self.updated_slots(mean_i, var_i, self.labels)
+            m, v = self.marginal(Sm, Sv)
         self._record((mean_i.detach(), var_i.detach(), self.labels.detach()))
         return affine_normalize(x, m, v, self.weight, self.bias, self.eps)
 
@@ -217,3 +253,10 @@ def set_pseudo_labels(layers: Iterable[nn.Module] | nn.Module, labels: torch.Ten
     mods = label_norms(layers) if isinstance(layers, nn.Module) else list(layers)
     for m in mods:
         m.labels = labels
+
+
+def set_class_prior(layers: Iterable[nn.Module] | nn.Module, prior: torch.Tensor | None) -> None:
+    """Give every pseudo-label-driven layer a class-mix guess for a label-free pre-pass."""
+    mods = label_norms(layers) if isinstance(layers, nn.Module) else list(layers)
+    for m in mods:
+        m.prior = prior
