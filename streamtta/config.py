@@ -71,7 +71,6 @@ class ModelConfig(Section):
                                                  "unset = the scenario's model, else 'digits-resnet'.")
     state_dict: str | None = Field(None, description="State dict for 'module:factory' models (loaded weights_only).")
     num_classes: int | None = Field(None, ge=2, description="Needed only for models without streamtta metadata.")
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
 
 
@@ -85,14 +84,18 @@ class ScorerConfig(Section):
     name: str = Field("default", description="OOD scorer: 'default' = streamtta.detectors.DEFAULT_SCORER, "
                                              "or prototype, knn, energy, msp, mahalanobis.")
     calibrate: bool = Field(True, description="Calibrate the 95%-TPR threshold on the source hold-out.")
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="Scorer options (e.g. per_class, k).")
 
 
 class MonitorConfig(Section):
-    enabled: bool = True
-    detector: Literal["adwin", "page-hinkley", "kswin"] = "adwin"
-    signals: list[str] = Field(default_factory=lambda: ["ood_rate", "id_entropy", "mean_score"])
-    cooldown_batches: int = Field(10, ge=0)
+    enabled: bool = Field(True, description="Watch batch-level signals for shifts.")
+    detector: Literal["adwin", "page-hinkley", "kswin"] = Field("page-hinkley", description="river change detector.")
+    signals: list[str] = Field(
+        default_factory=lambda: ["ood_rate", "id_entropy", "mean_score", "in_mean", "in_std", "in_hf"],
+        description="Batch signals to watch: model (ood_rate, id_entropy, mean_score, low_score, unknown_hits) "
+                    "and input (in_mean, in_std, in_hf).")
+    novelty: bool = Field(True, description="Watch OOD samples for a persistent novel cluster.")
+    cooldown_batches: int = Field(10, ge=0, description="Batches after a confirmed shift before the next one.")
     readapt: bool = Field(False, description="Run meta-OOD re-adaptation on a confirmed shift.")
     burst: dict[str, Any] | None = Field(default_factory=dict, description="OOD-burst rule options (level, "
                                          "n_batches); null disables the rule.")
@@ -102,18 +105,18 @@ class MonitorConfig(Section):
 class AlertsConfig(Section):
     jsonl: bool = Field(True, description="Append alerts to <output>/alerts.jsonl.")
     kafka: bool = Field(True, description="Produce alerts to the alerts topic.")
-    cooldown_batches: int = Field(10, ge=0)
+    cooldown_batches: int = Field(10, ge=0, description="Batches between two alerts of one kind group.")
 
 
 class EngineConfig(Section):
-    batch_size: int = Field(64, ge=1, le=65536)
+    batch_size: int = Field(64, ge=1, le=65536, description="Records per consume() call and adapter step.")
     state_key: Literal["partition", "stream_id"] = Field(
         "partition", description="Keep one adaptation state per partition or per stream id.")
     checkpoint_dir: Path = Field(Path(".streamtta/checkpoints"), description="Atomic per-stream state checkpoints.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint (and then commit) every N batches.")
-    max_record_bytes: int = Field(16 * 1024 * 1024, ge=64)
+    max_record_bytes: int = Field(16 * 1024 * 1024, ge=64, description="Larger records are dead-lettered.")
     expected_shape: list[int] | None = Field(None, description="Reject payloads of another shape (default: model's).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of adapters, scenario streams and replays.")
     record_log: bool = Field(True, description="Keep per-batch records for metrics and plots.")
 
 
@@ -122,7 +125,7 @@ class RunConfig(Section):
     output_dir: Path = Field(Path("runs"), description="Each run writes runs/<timestamp>/.")
     rate: float | None = Field(None, gt=0, description="Replay rate in records/s; unset = as fast as possible.")
     replay: bool = Field(True, description="Replay the scenario into the input topic before consuming.")
-    progress: bool = True
+    progress: bool = Field(True, description="Show progress bars.")
 
 
 class Config(BaseSettings):
@@ -238,3 +241,15 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def reference_markdown() -> str:
+    """The configuration reference table of the README, generated from the models above."""
+    lines = ["| field | default | description |", "|---|---|---|"]
+    for section, finfo in Config.model_fields.items():
+        model = finfo.annotation
+        for name, f in model.model_fields.items():  # type: ignore[union-attr]
+            default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
+            shown = "unset" if default is None else json.dumps(default, default=str)
+            lines.append(f"| `{section}.{name}` | `{shown}` | {f.description or ''} |")
+    return "\n".join(lines)

@@ -75,3 +75,12 @@ def test_cli_config_show(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "streamtta.cli", "config", "show", "--set", "engine.batch_size=0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "engine.batch_size" in bad.stderr
+
+
+def test_readme_configuration_reference_is_in_sync():
+    from pathlib import Path
+
+    from streamtta.config import reference_markdown
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
+    assert block.strip() == reference_markdown().strip(), "regenerate the README table from reference_markdown()"

@@ -153,3 +153,21 @@ def test_fusion_is_default_and_gate_records_scores():
     assert ok.dtype == torch.bool and ok.shape == (10,)
     np.testing.assert_array_equal(~ok.numpy(), gate.last_flags)
     assert gate.last_scores.shape == (10,)
+
+
+def test_fusion_online_standardisation_tracks_feature_component_only():
+    f, lo, y = id_data(600, 0)
+    s = build_scorer("fusion", online_momentum=0.5).fit(f, lo, y)
+    loc0 = s.loc.copy()
+    fi, li, _ = id_data(256, 1)
+    shifted = fi + np.float32(0.8)  # feature-space offset (e.g. new normalisation statistics)
+    for i in range(0, 256, 64):
+        s.partial_fit(shifted[i : i + 64], li[i : i + 64], torch.ones(64, dtype=torch.bool))
+    maha, energy = s.component_names.index("mahalanobis"), s.component_names.index("energy")
+    assert s.loc[maha] > loc0[maha]
+    assert s.loc[energy] == loc0[energy]
+    static = build_scorer("fusion", online=()).fit(f, lo, y)
+    # re-standardised: shifted ID data is accepted again at about the calibrated rate
+    assert (~s.is_ood(s.score(shifted, li))).mean() > (~static.is_ood(static.score(shifted, li))).mean()
+    with pytest.raises(ValueError, match="not components"):
+        build_scorer("fusion", online=("knn",))

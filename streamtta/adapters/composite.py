@@ -14,6 +14,9 @@ test-time normalisation, and on every :meth:`~CompositeAdapter.step`:
 4. commits the normalisation-statistics update for the gated (in-distribution) samples;
 5. runs the guards; one that fires resets everything to the initial state.
 
+Samples the gate rejects (OOD) still take part in their own batch's forward pass (the gate
+needs its features), but never in any state update: neither gradients nor statistics.
+
 The "frozen source copy" that filters such as ``conf-drop`` need is the adapted model evaluated
 with the *source* values of the adapted parameters (``torch.func.functional_call``) and the same
 normalisation statistics, so it costs one extra forward and no second copy of the weights.
@@ -40,9 +43,10 @@ from streamtta.adapters.norms import (
     label_norms,
     make_norm_factory,
     replace_batchnorms,
-    set_class_prior,
-    set_pseudo_labels,
+    em_class_mix,
+    set_class_mix,
     set_stats_mode,
+    source_stats,
 )
 from streamtta.adapters.objectives.base import Objective
 from streamtta.types import StepOutput
@@ -88,6 +92,8 @@ class CompositeAdapter(Adapter):
     relabel: labels ``cb-stats`` commits its statistics with: ``"final"`` (the main forward's
         predictions), ``"prepass"`` (the pre-pass labels the forward used), ``"agree"`` (the
         final predictions where they agree with the pre-pass, other samples ignored).
+    label_confidence: ``cb-stats`` slots learn only from samples whose final confidence is at
+        least this (``relabel`` ``"final"``/``"agree"``).
     """
 
     def __init__(
@@ -108,6 +114,7 @@ class CompositeAdapter(Adapter):
         seed: int | None = 0,
         prepass: str = "auto",
         relabel: str = "final",
+        label_confidence: float = 0.6,
         spec: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -135,6 +142,9 @@ class CompositeAdapter(Adapter):
         if relabel not in RELABEL:
             raise ValueError(f"relabel must be one of {RELABEL}, got {relabel!r}")
         self.relabel = relabel
+        if not 0.0 <= label_confidence < 1.0:
+            raise ValueError(f"label_confidence must be in [0, 1), got {label_confidence}")
+        self.label_confidence = float(label_confidence)
 
         self.model = copy.deepcopy(model)
         layer_kwargs = dict(self.norm_kwargs)
@@ -172,8 +182,6 @@ class CompositeAdapter(Adapter):
         if prepass == "auto":
             prepass = "source" if (self._needs_source and objective is not None) else "adapted"
         self.prepass = prepass
-        self.label_prior_momentum = 0.0
-        self._label_prior = torch.full((self.num_classes,), 1.0 / self.num_classes)
         self._source_params = {n: p.detach().clone() for n, p in zip(self._param_names, self._params)}
         for g in self.guards:
             g.bind(self)
@@ -211,6 +219,14 @@ class CompositeAdapter(Adapter):
             self._hook.pop()
         return out
 
+    def _exact_source_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The non-adapting source model: source statistics and source affine parameters."""
+        with torch.no_grad(), frozen_stats(self.model), source_stats(self.model):
+            out = torch.func.functional_call(self.model, self._source_params, (x,), strict=False)
+        if self._hook is not None:
+            self._hook.pop()
+        return out
+
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, features)`` of the current model; statistics are read, not updated."""
@@ -223,30 +239,28 @@ class CompositeAdapter(Adapter):
             raise ValueError(f"step expects a non-empty batch tensor (B, ...), got {getattr(x, 'shape', type(x))}")
         B = int(x.shape[0])
         learn = self.objective is not None
+        finite_in = torch.isfinite(x.reshape(B, -1)).all(dim=1) if x.is_floating_point() else None
+        if finite_in is not None and not bool(finite_in.all()):
+            # a non-finite sample would poison batch statistics for everybody: zero it, keep it out
+            x = torch.where(finite_in.view((B,) + (1,) * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype))
+        else:
+            finite_in = None
         pre_logits = None
         if self._label_layers:
-            set_class_prior(self._label_layers, self._label_prior.to(x.device))
-            try:
-                if self.prepass == "source":
-                    pre_logits = self._source_forward(x)
-                else:
-                    with torch.no_grad(), frozen_stats(self.model):
-                        pre_logits = self.model(x)
-                    self._pop_features(pre_logits)
-            finally:
-                set_class_prior(self._label_layers, None)
-            set_pseudo_labels(self._label_layers, pre_logits.softmax(dim=1))
+            pre_logits = self._class_mix_prepass(x)
         try:
             with torch.set_grad_enabled(learn):
                 logits = self.model(x)
         finally:
             if self._label_layers:
-                set_pseudo_labels(self._label_layers, None)
+                set_class_mix(self._label_layers, None)
         feats = self._pop_features(logits)
         if logits.dim() != 2 or logits.shape[0] != B:
             raise ValueError(f"model must return (B, num_classes) logits, got shape {tuple(logits.shape)}")
 
         mask = torch.isfinite(logits.detach()).all(dim=1)
+        if finite_in is not None:
+            mask = mask & finite_in.to(mask.device)
         if gate is not None:
             g = torch.as_tensor(gate(logits.detach(), feats.detach()), device=mask.device)
             if g.shape != (B,):
@@ -264,6 +278,8 @@ class CompositeAdapter(Adapter):
                 mask = f(ctx, mask)
 
         info: dict[str, Any] = {"n_gated_out": int(B - int(gate_mask.sum())), "n_kept": int(mask.sum())}
+        if finite_in is not None:
+            info["n_nonfinite_inputs"] = int((~finite_in).sum())
         loss_value: float | None = None
         updated = False
         if learn and bool(mask.any()):
@@ -271,19 +287,23 @@ class CompositeAdapter(Adapter):
             if torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self.optimizer.step()
+                if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._params):
+                    self.optimizer.step()
+                    loss_value = float(loss.detach())
+                    updated = True
+                else:  # e.g. a NaN sample outside the mask still reaches shared gradients
+                    info["skipped"] = "non-finite gradient"
                 self.optimizer.zero_grad(set_to_none=True)
-                loss_value = float(loss.detach())
-                updated = True
             else:
                 info["skipped"] = "non-finite loss"
         # statistics move after the backward pass (the graph still references the old buffers)
+        for layer in self._label_layers:
+            layer.new_domain = bool(layer.shift_detected)
         commit_stats(self.model, gate_mask, labels=self._commit_labels(logits, pre_logits))
-        if self._label_layers and bool(gate_mask.any()):
-            hist = torch.bincount(logits.detach()[gate_mask].argmax(dim=1), minlength=self.num_classes).float()
-            hist = hist / hist.sum()
-            mom = self.label_prior_momentum
-            self._label_prior = mom * self._label_prior + (1 - mom) * hist.cpu()
+        if self._label_layers:
+            info["shifted_layers"] = sum(bool(layer.new_domain) for layer in self._label_layers)
+        for layer in self._label_layers:
+            layer.new_domain = False
         self.n_steps += 1
 
         fired = None
@@ -292,22 +312,55 @@ class CompositeAdapter(Adapter):
                 fired = g.name
                 break
         update_mask = mask if updated else torch.zeros_like(mask)
+        out_logits = logits.detach()
+        for g in self.guards:
+            if getattr(g, "needs_source_model", False):
+                out_logits, used = g.choose(out_logits, self._exact_source_forward(x))
+                info[g.name] = used
         if fired is not None:
             self.reset()
             info["guard"] = fired
         return StepOutput(
-            logits=logits.detach(), features=feats.detach(), update_mask=update_mask,
+            logits=out_logits, features=feats.detach(), update_mask=update_mask,
             loss=loss_value, reset=fired is not None, info=info,
         )
 
+    def _class_mix_prepass(self, x: torch.Tensor) -> torch.Tensor:
+        """cb-stats: a pre-pass with the stored statistics (layers that detect a new domain use the
+        batch's own) gives pseudo-labels; their EM class mix is set on the layers for the main pass."""
+        for layer in self._label_layers:
+            layer.detect_shift = True
+            layer.shift_detected = None
+        try:
+            if self.prepass == "source":
+                pre_logits = self._source_forward(x)
+            else:
+                with torch.no_grad(), frozen_stats(self.model):
+                    pre_logits = self.model(x)
+                self._pop_features(pre_logits)
+        finally:
+            for layer in self._label_layers:
+                layer.detect_shift = False
+        probs = pre_logits.detach().softmax(dim=1)
+        probs = probs[torch.isfinite(probs).all(dim=1)]
+        if probs.shape[0] == 0:
+            mix = torch.full((self.num_classes,), 1.0 / self.num_classes, device=x.device)
+        else:
+            mix = em_class_mix(probs)
+        set_class_mix(self._label_layers, mix)
+        return pre_logits
+
     def _commit_labels(self, logits: torch.Tensor, pre_logits: torch.Tensor | None) -> torch.Tensor | None:
-        if pre_logits is None or self.relabel == "prepass":
+        if pre_logits is None:
             return None
-        final = logits.detach()
-        if self.relabel == "final":
-            return final.softmax(dim=1)
-        ids = final.argmax(dim=1)
-        return torch.where(ids == pre_logits.argmax(dim=1), ids, torch.full_like(ids, -1))
+        if self.relabel == "prepass":
+            return pre_logits.detach().softmax(dim=1)
+        probs = logits.detach().softmax(dim=1)
+        conf, ids = probs.max(dim=1)
+        keep = conf >= self.label_confidence
+        if self.relabel == "agree":
+            keep = keep & (ids == pre_logits.argmax(dim=1))
+        return torch.where(keep, ids, torch.full_like(ids, -1))
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -324,7 +377,6 @@ class CompositeAdapter(Adapter):
                 "filters": [f.state_dict() for f in self.filters],
                 "guards": [g.state_dict() for g in self.guards],
                 "n_steps": self.n_steps,
-                "label_prior": self._label_prior,
             }
         )
 
@@ -350,8 +402,6 @@ class CompositeAdapter(Adapter):
         for g, s in zip(self.guards, state["guards"]):
             g.load_state_dict(_clone_state(s))
         self.n_steps = int(state.get("n_steps", 0))
-        if state.get("label_prior") is not None:
-            self._label_prior = state["label_prior"].detach().clone()
 
     def __repr__(self) -> str:
         parts = [f"norm={self.norm!r}"]

@@ -10,28 +10,33 @@ Terms, by kind (aliases in brackets):
 
 * **norm** (at most one): ``source`` (no adaptation: BatchNorm with source statistics),
   ``bn`` [bn-adapt, tbn] (test-batch statistics), ``rbn`` [rotta-stats, robust-bn] (RoTTA's
-  robust EMA statistics), ``unmix-tns`` [unmix, unmixtns] (UnMix-TNS);
+  robust EMA statistics), ``unmix-tns`` [unmix, unmixtns] (UnMix-TNS as published),
+  ``cb-stats`` [cbn, class-balanced] (test-batch statistics corrected for the batch's class mix,
+  see :mod:`streamtta.adapters.norms.class_balanced`);
 * **objective** (at most one): ``tent`` [entropy], ``eata-loss`` (exp(E0-H)-weighted entropy);
 * **filter** (any, applied in the order written): ``conf-drop`` (open-set confidence-drop),
   ``ent-margin`` (EATA reliability, H < E0), ``redundancy`` (EATA non-redundancy);
 * **guard** (any): ``sar-reset`` (entropy-EMA reset), ``periodic`` (RDumb), ``ema-source``
-  [ema-to-source] (weight ensembling towards the source);
+  [ema-to-source] (weight ensembling towards the source), ``source-fallback`` (return the source
+  model's prediction on batches where it agrees with the adapted one, i.e. benign domains);
 * **macros** expand in place: ``eata`` [eta] = ``eata-loss+ent-margin+redundancy``;
   ``ostta`` = ``tent+conf-drop``; ``rdumb`` = ``eata+periodic(every=1000)``; ``default`` =
   :data:`DEFAULT_SPEC`.
 
 Rules: a spec with an objective but no norm uses ``bn`` (so ``"tent"`` is ``"bn+tent"``); a
-norm alone is a gradient-free adapter (``"unmix-tns"`` is UnMix-TNS as published, ``"source"``
-does nothing); filters and the ``sar-reset``/``ema-source`` guards need an objective; no term
-twice. Optimizer arguments (``lr``, ``optimizer``, ``sgd_momentum``, ``weight_decay``) go on the
-objective term, e.g. ``"unmix-tns(K=8)+tent(lr=1e-4)+conf-drop+ema-source(momentum=0.99)"``.
+norm alone is a gradient-free adapter (``"unmix-tns"`` is UnMix-TNS with no gradient step,
+``"source"`` does nothing); filters and the ``sar-reset``/``ema-source`` guards need an
+objective; no term twice. Optimizer arguments (``lr``, ``optimizer``, ``sgd_momentum``,
+``weight_decay``) go on the objective term, e.g.
+``"unmix-tns(K=8)+tent(lr=1e-4)+conf-drop+ema-source(momentum=0.99)"``; the pseudo-label
+arguments of the adapter (``prepass``, ``relabel``) go on the ``cb-stats`` term.
 
 ``build_adapter(spec, model, num_classes, **overrides)`` also takes flat keyword overrides that
 beat the spec's own arguments: see :data:`OVERRIDE_KEYS` (``lr``, ``optimizer``, ``K``,
 ``bs_max``, ``tau``, ``e_margin``, ``d_margin``, ``conf_margin``, ``reset_threshold``,
-``reset_every``, ``ema_momentum``, ``rbn_alpha``, ``feature_layer``, ``seed`` ...). A key that
-no component knows is an error; a known key the spec does not use is ignored (listed in
-``adapter.ignored_overrides``).
+``reset_every``, ``ema_momentum``, ``rbn_alpha``, ``shift_rate``, ``feature_layer``, ``seed``
+...). A key that no component knows is an error; a known key the spec does not use is ignored
+(listed in ``adapter.ignored_overrides``).
 
 >>> str(parse_spec("tent"))
 'bn+tent'
@@ -52,8 +57,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-#: The shipped default method (see the adapters package docstring for the rationale).
-DEFAULT_SPEC = "unmix-tns+tent+conf-drop+ema-source"
+#: The shipped default method (see the adapters package docstring for the rationale and numbers).
+DEFAULT_SPEC = "cb-stats+source-fallback"
 
 
 class SpecError(ValueError):
@@ -70,7 +75,7 @@ ADAPTER_ARGS: dict[str, type] = {
     "weight_decay": float,
 }
 #: Adapter-level arguments that the pseudo-label norm (cb-stats) accepts inline.
-LABEL_ARGS: dict[str, type] = {"prepass": str, "relabel": str}
+LABEL_ARGS: dict[str, type] = {"prepass": str, "relabel": str, "label_confidence": float}
 #: Adapter-level override keys (not tied to a term).
 GLOBAL_OVERRIDES: dict[str, type] = {
     **ADAPTER_ARGS, **LABEL_ARGS, "feature_layer": str, "feature_hook": str, "seed": int,
@@ -105,9 +110,10 @@ TERMS: dict[str, TermInfo] = {
         TermInfo(
             "cb-stats",
             "norm",
-            {"alpha": float, "kappa": float, "shift_rate": float, "shift_kappa": float, "var_shift": bool,
-             "soft_shift": bool, "debias_batch": bool, "batch_kappa": float, **LABEL_ARGS},
-            {"cb_alpha": "alpha", "kappa": "kappa", "shift_rate": "shift_rate", "shift_kappa": "shift_kappa"},
+            {"alpha": float, "kappa": float, "shift_rate": float, "batch_kappa": float, "shift_factor": float,
+             "reanchor": float, "offset_floor": float, "update_on_shift": bool, **LABEL_ARGS},
+            {"cb_alpha": "alpha", "kappa": "kappa", "shift_rate": "shift_rate", "batch_kappa": "batch_kappa",
+             "shift_factor": "shift_factor"},
         ),
         TermInfo("tent", "objective", {"diversity_weight": float, **ADAPTER_ARGS}, _same("diversity_weight")),
         TermInfo("eata-loss", "objective", {"e_margin": float, **ADAPTER_ARGS}, _same("e_margin")),
@@ -123,12 +129,13 @@ TERMS: dict[str, TermInfo] = {
         ),
         TermInfo("periodic", "guard", {"every": int}, {"reset_every": "every"}),
         TermInfo("ema-source", "guard", {"momentum": float}, {"ema_momentum": "momentum"}, needs_objective=True),
+        TermInfo("source-fallback", "guard", {"agreement": float}, {"fallback_agreement": "agreement"}),
     ]
 }
 
 ALIASES: dict[str, str] = {
     "bn-adapt": "bn", "tbn": "bn", "rotta-stats": "rbn", "robust-bn": "rbn", "unmix": "unmix-tns",
-    "unmixtns": "unmix-tns", "cbn": "cb-stats", "class-balanced": "cb-stats", "entropy": "tent", "ema-to-source": "ema-source", "eta": "eata",
+    "unmixtns": "unmix-tns", "fallback": "source-fallback", "cbn": "cb-stats", "class-balanced": "cb-stats", "entropy": "tent", "ema-to-source": "ema-source", "eta": "eata",
 }
 
 #: name -> expansion (a spec string, arguments given to the macro go to the parts that accept them)
@@ -268,6 +275,15 @@ def _parse_args(term: str, body: str | None, spec: str) -> dict[str, Any]:
     return args
 
 
+def _suggest(name: str, options) -> list[str]:
+    """Closest option to ``name`` (case-insensitive), as a 0- or 1-element list."""
+    lower = {o.lower(): o for o in options}
+    exact = lower.get(name.lower())
+    if exact is not None:
+        return [exact]
+    return [lower[m] for m in difflib.get_close_matches(name.lower(), sorted(lower), n=1)]
+
+
 def _known_names() -> list[str]:
     return sorted(set(TERMS) | set(MACROS))
 
@@ -378,6 +394,7 @@ def _build_component(term: SpecTerm, kw: dict[str, Any], num_classes: int) -> An
         "sar-reset": lambda **k: G.LossEMAReset(**k),
         "periodic": lambda **k: G.PeriodicReset(**k),
         "ema-source": lambda **k: G.EMAToSource(**k),
+        "source-fallback": lambda **k: G.SourceFallback(**k),
     }
     return builders[term.name](**kw)
 
@@ -391,7 +408,7 @@ def build_adapter(spec: str | AdapterSpec, model: nn.Module, num_classes: int, *
 
     unknown = sorted(set(overrides) - OVERRIDE_KEYS)
     if unknown:
-        close = {k: difflib.get_close_matches(k, sorted(OVERRIDE_KEYS), n=1) for k in unknown}
+        close = {k: _suggest(k, OVERRIDE_KEYS) for k in unknown}
         hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
         raise SpecError(f"unknown override(s) {hints}; accepted: {', '.join(sorted(OVERRIDE_KEYS))}")
     parsed = parse_spec(spec)

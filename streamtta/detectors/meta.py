@@ -455,8 +455,10 @@ class ReAdapter:
     diversity_weight
         Weight of the prediction-diversity term (``-H(mean p)``) that guards against collapse.
     entropy_tolerance, hist_tolerance
-        Roll back when mean entropy rose by more than ``entropy_tolerance`` (nats) or the
-        histogram entropy fell by more than ``hist_tolerance``.
+        Roll back when the histogram entropy fell by more than ``hist_tolerance`` (collapse), or
+        when the mean entropy rose by more than ``entropy_tolerance`` (nats) without the histogram
+        entropy rising by more than ``hist_tolerance`` (a collapsed model is confident, so higher
+        entropy with more diverse predictions counts as a recovery).
     """
 
     def __init__(self, meta_init: Mapping[str, torch.Tensor], steps: int = 10, lr: float = 5e-3,
@@ -577,8 +579,12 @@ class ReAdapter:
                     v.copy_(buffers[k])
         logits_after, feats_after = self._forward_logits(adapter, x, self.batch_size)
         after = prediction_proxies(logits_after)
-        worse = (after["mean_entropy"] > before["mean_entropy"] + self.entropy_tolerance
-                 or after["hist_entropy"] < before["hist_entropy"] - self.hist_tolerance)
+        collapsed = after["hist_entropy"] < before["hist_entropy"] - self.hist_tolerance
+        un_collapsed = after["hist_entropy"] > before["hist_entropy"] + self.hist_tolerance
+        less_sure = after["mean_entropy"] > before["mean_entropy"] + self.entropy_tolerance
+        # a collapsed model is confident (low entropy) on a few classes: a restart that spreads the
+        # predictions again is kept even though its entropy is higher
+        worse = collapsed or (less_sure and not un_collapsed)
         result: dict[str, Any] = {"n_samples": int(len(x)), "steps": self.steps, "n_params_from_meta_init": n_loaded,
                                   "proxies_before": before, "proxies_after": after}
         if worse:

@@ -41,6 +41,14 @@ class FusionScorer(ThresholdedScorer):
         Scorer names (or ``(name, kwargs)`` pairs) from the registry.
     weights
         One weight per component (default: all 1).
+    online
+        Components whose standardisation (mean, std) tracks the recent stream by EMA in
+        :meth:`partial_fit` instead of staying at the calibration values. Feature-space distances
+        move with every normalisation-statistics update of the adapter; re-standardising them
+        keeps the fused score balanced (the logit-space energy keeps its calibrated scale, so
+        a sustained burst of unknowns still raises the fused score).
+    online_momentum
+        EMA momentum per batch of the online standardisation.
     **kw
         :class:`ThresholdedScorer` settings of the fused score.
     """
@@ -48,8 +56,13 @@ class FusionScorer(ThresholdedScorer):
     name = "fusion"
 
     def __init__(self, components: Sequence[str | tuple[str, dict[str, Any]]] = ("mahalanobis", "energy"),
-                 weights: Sequence[float] | None = None, **kw: Any) -> None:
+                 weights: Sequence[float] | None = None, online: Sequence[str] = ("mahalanobis",),
+                 online_momentum: float = 0.9, **kw: Any) -> None:
         super().__init__(**kw)
+        if not 0.0 <= online_momentum < 1.0:
+            raise ValueError(f"online_momentum must be in [0, 1), got {online_momentum}")
+        self.online = tuple(online)
+        self.online_momentum = float(online_momentum)
         if len(components) < 1:
             raise ValueError("FusionScorer needs at least one component")
         specs = [(c, {}) if isinstance(c, str) else (c[0], dict(c[1])) for c in components]
@@ -58,9 +71,13 @@ class FusionScorer(ThresholdedScorer):
         self.weights = np.ones(len(specs)) if weights is None else np.asarray(weights, np.float64)
         if self.weights.shape != (len(specs),):
             raise ValueError(f"{len(self.weights)} weights for {len(specs)} components")
+        unknown = set(self.online) - set(self.component_names)
+        if unknown:
+            raise ValueError(f"online names {sorted(unknown)} are not components {self.component_names}")
         self.loc = np.zeros(len(specs))
         self.scale = np.ones(len(specs))
-
+        self.cal_loc = np.zeros(len(specs))
+        self.cal_scale = np.ones(len(specs))
     def _fit(self, features: Any, logits: Any, labels: Any | None) -> None:
         for c in self.components:
             c._fit(features, logits, labels)
@@ -77,6 +94,7 @@ class FusionScorer(ThresholdedScorer):
             c.threshold = float(np.quantile(s, self.tpr))
             self.loc[j] = float(np.mean(s))
             self.scale[j] = float(max(np.std(s), 1e-12))
+        self.cal_loc, self.cal_scale = self.loc.copy(), self.scale.copy()
         return super().calibrate(features, logits)
 
     def component_scores(self, features: Any, logits: Any) -> np.ndarray:
@@ -89,12 +107,20 @@ class FusionScorer(ThresholdedScorer):
         return self.component_scores(features, logits) @ self.weights
 
     def partial_fit(self, features: Any, logits: Any, accepted: Any | None = None) -> None:
-        for c in self.components:
+        """Update the components; ``online`` components also re-standardise on the recent batches."""
+        for j, (name, c) in enumerate(zip(self.component_names, self.components)):
             c.partial_fit(features, logits, accepted)
+            if name in self.online and len(features) > 1:
+                s = c.score(features, logits)
+                m = self.online_momentum
+                # the spread of the batch relative to calibration: (mean, std) of the whole batch
+                self.loc[j] = m * self.loc[j] + (1 - m) * float(np.mean(s))
+                self.scale[j] = m * self.scale[j] + (1 - m) * float(max(np.std(s), 1e-12))
 
     def _extra_state(self) -> dict[str, Any]:
         return {"components": [c.state_dict() for c in self.components], "loc": self.loc.copy(),
-                "scale": self.scale.copy(), "weights": self.weights.copy()}
+                "scale": self.scale.copy(), "weights": self.weights.copy(), "cal_loc": self.cal_loc.copy(),
+                "cal_scale": self.cal_scale.copy()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if len(state["components"]) != len(self.components):
@@ -104,3 +130,5 @@ class FusionScorer(ThresholdedScorer):
         self.loc = np.asarray(state["loc"], np.float64).copy()
         self.scale = np.asarray(state["scale"], np.float64).copy()
         self.weights = np.asarray(state["weights"], np.float64).copy()
+        self.cal_loc = np.asarray(state.get("cal_loc", self.loc), np.float64).copy()
+        self.cal_scale = np.asarray(state.get("cal_scale", self.scale), np.float64).copy()

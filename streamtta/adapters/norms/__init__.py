@@ -3,7 +3,7 @@
 * :class:`BatchStatsNorm` -- BN-adapt, test-batch statistics (``"bn"``);
 * :class:`RobustBatchNorm` -- RoTTA's robust EMA statistics (``"rbn"``);
 * :class:`UnMixTNS` -- UnMix-TNS, K un-mixed statistics components (``"unmix-tns"``);
-* :class:`ClassBalancedNorm` -- class-balanced statistics from pseudo-labels (``"cb-stats"``).
+* :class:`ClassBalancedNorm` -- BN-adapt corrected for the batch's class mix (``"cb-stats"``).
 
 ``make_norm_factory(name, **kwargs)`` returns the ``bn -> layer`` factory used by
 :func:`replace_batchnorms`; ``"source"`` keeps the original BatchNorm layers (frozen running stats).
@@ -22,9 +22,10 @@ from streamtta.adapters.norms.base import (
     frozen_stats,
     replace_batchnorms,
     set_stats_mode,
+    source_stats,
 )
 from streamtta.adapters.norms.bn_adapt import BatchStatsNorm
-from streamtta.adapters.norms.class_balanced import ClassBalancedNorm, label_norms, set_class_prior, set_pseudo_labels
+from streamtta.adapters.norms.class_balanced import ClassBalancedNorm, em_class_mix, label_norms, set_class_mix
 from streamtta.adapters.norms.rbn import RobustBatchNorm
 from streamtta.adapters.norms.unmix_tns import UnMixTNS
 
@@ -68,13 +69,14 @@ __all__ = [
     "UnMixTNS",
     "ClassBalancedNorm",
     "label_norms",
-    "set_pseudo_labels",
-    "set_class_prior",
+    "set_class_mix",
+    "em_class_mix",
     "NORM_CLASSES",
     "make_norm_factory",
     "replace_batchnorms",
     "set_stats_mode",
     "frozen_stats",
     "commit_stats",
+    "source_stats",
     "adaptive_norms",
 ]

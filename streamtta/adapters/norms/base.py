@@ -64,8 +64,16 @@ def affine_normalize(
     eps: float,
 ) -> torch.Tensor:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` with ``(C,)`` or per-instance ``(B, C)`` stats."""
-    if mean.dim() == 1 and not (mean.requires_grad or var.requires_grad):
+    stats_grad = mean.requires_grad or var.requires_grad
+    if mean.dim() == 1 and not stats_grad:
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    if not stats_grad and x.dim() > 2:
+        # per-instance statistics as one fused eval-mode batch norm over (1, B*C, *spatial)
+        B, C = x.shape[:2]
+        w = None if weight is None else weight.repeat(B)
+        b = None if bias is None else bias.repeat(B)
+        y = F.batch_norm(x.reshape((1, B * C) + x.shape[2:]), mean.reshape(-1), var.reshape(-1), w, b, False, 0.0, eps)
+        return y.view_as(x)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
@@ -108,6 +116,8 @@ class AdaptiveNorm(nn.Module):
         self.register_buffer("source_mean", mean)
         self.register_buffer("source_var", var)
         self.stats_mode = "immediate"
+        #: when True (see :func:`source_stats`) the layer is the plain source BatchNorm.
+        self.use_source_stats = False
         self._pending: tuple | None = None
 
     # -- construction ---------------------------------------------------------------------------
@@ -128,6 +138,10 @@ class AdaptiveNorm(nn.Module):
                 layer.weight.copy_(bn.weight)
                 layer.bias.copy_(bn.bias)
         return layer.to(device=bn.weight.device if bn.affine else layer.source_mean.device)
+
+    def source_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original BatchNorm: frozen source statistics, current affine parameters."""
+        return affine_normalize(x, self.source_mean, self.source_var, self.weight, self.bias, self.eps)
 
     # -- statistics bookkeeping -----------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -217,6 +231,20 @@ def frozen_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in saved:
             m.stats_mode = mode
+
+
+@contextlib.contextmanager
+def source_stats(model: nn.Module) -> Iterator[None]:
+    """Context manager: every :class:`AdaptiveNorm` normalises with the frozen source statistics
+    (with the source affine parameters too, this is the non-adapting source model)."""
+    layers = list(adaptive_norms(model))
+    for m in layers:
+        m.use_source_stats = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.use_source_stats = False
 
 
 def commit_stats(model: nn.Module, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:

@@ -46,6 +46,8 @@ class BatchStatsNorm(AdaptiveNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.use_source_stats:
+            return self.source_forward(x)
         if x.shape[0] < self.min_batch_size:
             return F.batch_norm(x, self.source_mean, self.source_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.source_weight == 0.0:

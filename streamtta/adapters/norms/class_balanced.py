@@ -1,64 +1,98 @@
-"""Class-balanced test statistics ("cb-stats"): label-shift-robust normalisation from pseudo-labels.
+"""Class-balanced test statistics ("cb-stats"): batch statistics corrected for the batch's class mix.
 
 Streams whose labels are temporally correlated (class-sorted, Dirichlet) break BN-adapt: a batch
 of one class is normalised with that class's statistics, which erases exactly the signal that
-identifies the class. This layer keeps, per class ``c``, a *slot* with the class-conditional
-statistics ``(m_c, v_c)`` of its input, and normalises with their **class-balanced marginal**::
+identifies the class. UnMix-TNS and RoTTA's RBN avoid that by leaning on slowly updated
+statistics, which then lag behind real domain shifts. This layer keeps BN-adapt's use of the
+*current* batch but removes the bias its class mix causes.
 
-    mean = mean_c m_c,        var = mean_c v_c + mean_c (m_c - mean)**2
+**State** -- per class ``c`` a slot with the class-conditional statistics ``(m_c, v_c)`` of the
+layer input (mean over batch x spatial, variance incl. the spatial part), plus how established the
+slot is (``W_c`` in [0, 1]). Their class-balanced marginal is::
 
-so the class mix of the current batch does not move the normalisation. The slots are driven by
-pseudo-labels ``p`` (``(B, num_classes)`` probabilities, set by the adapter from a forward pass
-with the stored statistics, see :func:`set_pseudo_labels`); hard labels ``y_b = argmax p_b`` are
-used. For a batch with instance statistics ``(mu_b, var_b)`` (over the spatial dims):
+    m_S = mean_c m_c,      v_S = mean_c v_c + mean_c (m_c - m_S)**2
 
-1. **shared domain shift** (from samples whose slot is established, weight ``w_b = W[y_b]``)::
+**Normalisation of a batch** with class mix ``pi`` (``num_classes`` proportions, estimated by the
+adapter from a pre-pass, see below) and batch statistics ``(bm, bv)``::
 
-       delta = sum_b w_b (mu_b - m_{y_b}) / sum_b w_b                 (mean shift)
-       rho   = log sum_b w_b (var_b + (mu_b - m_{y_b} - delta)**2) - log sum_b w_b v_{y_b}
-       m_c  <- m_c + s * delta,   v_c <- v_c * exp(s * rho)          for every class c
+    o_c   = (m_c - m_S) / sqrt(v_S)                   standardised class offsets
+    r_c   = v_c / v_S                                 relative within-class variances
+    o_pi  = sum_c pi_c o_c
+    var   = bv / (sum_c pi_c r_c + sum_c pi_c (o_c - o_pi)**2)
+    mean  = bm - sqrt(var) * o_pi
 
-   with ``s = shift_rate * mean_b w_b * B / (B + shift_kappa)``: a corruption moves every class,
-   so one class's batch is enough to carry the shift to all slots;
-2. **class update** for the classes present (``n_c`` samples, ``a_c = n_c / (n_c + kappa) *
-   (alpha + (1 - alpha)(1 - W_c))``)::
+For a class-balanced batch (``pi`` uniform) this is exactly BN-adapt; for a one-class batch it
+moves the class statistics back to the balanced ones. The result is blended with the stored
+marginal by ``w = (1 - u) * B / (B + batch_kappa)`` where ``u`` in [0, 1] is the part of the
+batch's class imbalance that falls on slots not yet established (an imbalance on a class whose
+structure is unknown cannot be corrected, so the stored statistics are trusted instead); batch
+size 1 uses the stored marginal. Gradients flow through the batch statistics, as in BN-adapt.
 
-       m_c <- m_c + a_c (mean_{b: y_b = c} mu_b - m_c)
-       v_c <- v_c + a_c (pooled var of class c in the batch - v_c)
-       W_c <- W_c + a_c (1 - W_c)                                     (slot established-ness)
+**Slot update** (after the forward, with the adapter's pseudo-labels ``y_b``: the main pass's
+predictions with confidence >= ``label_confidence``, only for samples the gate kept) -- a shared
+domain shift estimated from established slots, then class updates::
 
-The current batch is normalised with the marginal of the *updated* slots (as RoTTA's RBN uses its
-updated EMA), gradients flow through ``mu_b``/``var_b``. Slots start at the source statistics
-with ``W = 0``: until a class has been seen its slot holds the source marginal and takes no part
-in the shift estimate. Batch size 1 works: a class with a single sample in the batch measures its
-variance around the slot mean (so the between-instance part is not lost) and the shift step
-shrinks with ``B``.
+    delta = sum_b W[y_b] (mu_b - m_{y_b}) / sum_b W[y_b]                    (instance means mu_b)
+    rho   = log sum_b W[y_b] (var_b + (mu_b - m_{y_b} - delta)**2) - log sum_b W[y_b] v_{y_b}
+    m_c  <- m_c + s delta,  v_c <- v_c exp(s rho)    (every c; s = shift_rate * mean_b W[y_b] * B/(B+4))
+    m_c  <- m_c + a_c (class-c batch mean - m_c),  v_c <- v_c + a_c (class-c pooled var - v_c)
+    a_c   = n_c / (n_c + kappa) * (alpha + (1 - alpha)(1 - W_c)),   W_c <- W_c + a_c (1 - W_c)
 
-Without pseudo-labels (``labels is None``) the layer normalises with the stored marginal and
-records nothing: the adapter always provides them; standalone users call
-:func:`set_pseudo_labels` before each forward.
+**Class mix and new domains** (done by :class:`~streamtta.adapters.composite.CompositeAdapter`):
+a pre-pass normalised with the stored marginals (robust to the class mix: it does not look at
+the batch) gives probabilities ``p_b``; ``pi`` is their EM label-shift estimate (Saerens et al.,
+2002). During the pre-pass each layer also tests whether its input moved further from the stored
+marginal than any class explains (mean standardised mean shift > ``shift_factor`` x max(largest
+class offset, ``offset_floor``) + 0.05, or the same for the log-variance). A layer that detects
+such a new domain uses the batch's own statistics in the pre-pass, and at commit *re-anchors*
+its slots with the affine map that takes the stored marginal to the batch statistics (class
+structure kept; strength ``reanchor``) and skips the class update (labels of a domain's first
+batch are unreliable).
+
+Slots start at the source statistics with ``W = 0``: until classes have been seen the layer is
+BN-adapt on batches it takes as balanced and the source BatchNorm on imbalanced ones.
 
 >>> import torch
->>> layer = ClassBalancedNorm(3, num_classes=2)
+>>> layer = ClassBalancedNorm(3, num_classes=2, batch_kappa=0.0)
 >>> x = torch.randn(8, 3, 4, 4)
->>> layer.labels = torch.tensor([[1.0, 0.0]] * 8)      # all predicted class 0
->>> _ = layer(x); layer.commit()
->>> layer.slot_weight.tolist()[1], layer.slot_weight.tolist()[0] > 0   # only slot 0 learned
-(0.0, True)
+>>> bn = torch.nn.functional.batch_norm(x, None, None, training=True)
+>>> layer.class_mix = torch.tensor([0.5, 0.5])      # a balanced batch: exactly BN-adapt
+>>> bool(torch.allclose(layer(x), bn, atol=1e-4))
+True
+>>> layer.commit(labels=torch.zeros(8, dtype=torch.long))      # all pseudo-labelled class 0
+>>> [round(w, 2) for w in layer.slot_weight.tolist()]            # only slot 0 learned
+[0.5, 0.0]
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamtta.adapters.norms.base import AdaptiveNorm, affine_normalize, instance_stats
+from streamtta.adapters.norms.base import AdaptiveNorm, affine_normalize, instance_stats, pooled_stats
+
+
+def em_class_mix(probs: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """EM estimate of a batch's class proportions from posteriors (Saerens et al., uniform train prior).
+
+    >>> p = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
+    >>> [round(v, 2) for v in em_class_mix(p).tolist()]   # pushes mass towards the favoured class
+    [0.98, 0.02]
+    """
+    n = probs.shape[1]
+    pi = torch.full((n,), 1.0 / n, dtype=probs.dtype, device=probs.device)
+    for _ in range(iters):
+        q = probs * (pi * n)
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        pi = q.mean(dim=0)
+    return pi
 
 
 class ClassBalancedNorm(AdaptiveNorm):
-    """Normalise with the class-balanced marginal of per-class statistics slots (see module doc)."""
+    """BN-adapt corrected for the class mix of the batch (see the module docstring)."""
 
     needs_pseudo_labels = True
 
@@ -73,37 +107,47 @@ class ClassBalancedNorm(AdaptiveNorm):
         num_classes: int = 10,
         alpha: float = 0.5,
         kappa: float = 8.0,
-        shift_rate: float = 1.0,
-        shift_kappa: float = 4.0,
-        var_shift: bool = True,
-        soft_shift: bool = False,
-        debias_batch: bool = False,
+        shift_rate: float = 0.25,
         batch_kappa: float = 2.0,
+        shift_factor: float = 3.0,
+        reanchor: float = 1.0,
+        offset_floor: float = 0.25,
+        update_on_shift: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, source_mean, source_var)
         if int(num_classes) != num_classes or num_classes < 2:
             raise ValueError(f"cb-stats needs num_classes >= 2, got {num_classes!r}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"cb-stats alpha must be in (0, 1], got {alpha}")
-        if kappa < 0 or shift_kappa < 0:
-            raise ValueError(f"kappa and shift_kappa must be >= 0, got {kappa}, {shift_kappa}")
+        if kappa < 0 or batch_kappa < 0:
+            raise ValueError(f"kappa and batch_kappa must be >= 0, got {kappa}, {batch_kappa}")
         if not 0.0 <= shift_rate <= 1.0:
             raise ValueError(f"shift_rate must be in [0, 1], got {shift_rate}")
+        if shift_factor <= 0:
+            raise ValueError(f"shift_factor must be > 0, got {shift_factor}")
         self.num_classes = int(num_classes)
         self.alpha = float(alpha)
         self.kappa = float(kappa)
         self.shift_rate = float(shift_rate)
-        self.shift_kappa = float(shift_kappa)
-        self.var_shift = bool(var_shift)
-        self.soft_shift = bool(soft_shift)
-        self.debias_batch = bool(debias_batch)
         self.batch_kappa = float(batch_kappa)
+        self.shift_factor = float(shift_factor)
+        if not 0.0 <= reanchor <= 1.0:
+            raise ValueError(f"reanchor must be in [0, 1], got {reanchor}")
+        self.reanchor = float(reanchor)
+        self.offset_floor = float(offset_floor)
+        self.update_on_shift = bool(update_on_shift)
+        #: set by the adapter when the batch was found to start a new domain: the next commit first
+        #: moves all slots so that their marginal matches the batch (strength ``reanchor``).
+        self.new_domain = False
         self.register_buffer("slot_means", self.source_mean.expand(self.num_classes, -1).clone())
         self.register_buffer("slot_vars", self.source_var.expand(self.num_classes, -1).clone())
         self.register_buffer("slot_weight", torch.zeros(self.num_classes))
-        #: ``(B, num_classes)`` pseudo-label probabilities, or ``(B,)`` class ids (-1 = ignore the
-    #: sample), for the next forward.
-        self.labels: torch.Tensor | None = None
+        #: ``(num_classes,)`` class mix of the next batch; None = normalise with the stored marginal.
+        self.class_mix: torch.Tensor | None = None
+        #: set True on the layer whose forward should test for a domain shift (see :attr:`shift_detected`).
+        self.detect_shift = False
+        #: result of the last shift test (None if not tested).
+        self.shift_detected: bool | None = None
 
     @classmethod
     def from_bn(cls, bn: nn.modules.batchnorm._NormBase, **kwargs) -> "ClassBalancedNorm":
@@ -121,142 +165,161 @@ class ClassBalancedNorm(AdaptiveNorm):
     def _one_hot(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if labels.dim() == 2:
             if labels.shape[1] != self.num_classes:
-                raise ValueError(
-                    f"pseudo-labels have {labels.shape[1]} classes, the layer {self.num_classes}"
-                )
+                raise ValueError(f"pseudo-labels have {labels.shape[1]} classes, the layer {self.num_classes}")
             labels = labels.argmax(dim=1)
         ids = labels.long().to(like.device)
         known = (ids >= 0).unsqueeze(1)  # class id -1 = no label: the sample is ignored
         return (F.one_hot(ids.clamp_min(0), self.num_classes) * known).to(like.dtype)
 
+    def balanced_stats(
+        self, mean_i: torch.Tensor, var_i: torch.Tensor, class_mix: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch statistics corrected for ``class_mix``, blended with the stored marginal."""
+        B = mean_i.shape[0]
+        mS, vS = self.marginal(self.slot_means, self.slot_vars)
+        if B < 2:
+            return mS, vS
+        pi = class_mix.to(mean_i) / class_mix.sum().clamp_min(1e-12)
+        sd = (vS + self.eps).sqrt()
+        off = (self.slot_means - mS) / sd
+        rel = self.slot_vars / (vS + self.eps)
+        o_pi = pi @ off
+        denom = pi @ rel + pi @ (off - o_pi).pow(2)
+        bm, bv = pooled_stats(mean_i, var_i)
+        v = bv / denom.clamp_min(1e-3)
+        m = bm - (v + self.eps).sqrt() * o_pi
+        # the class imbalance of the batch can only be corrected for established slots: trust
+        # the corrected batch statistics as far as the imbalance falls on established classes
+        n = self.num_classes
+        uncorrectable = float(((pi - 1.0 / n).abs() * (1 - self.slot_weight)).sum()) / (2 * (1 - 1.0 / n))
+        w = (1.0 - min(max(uncorrectable, 0.0), 1.0)) * B / (B + self.batch_kappa)
+        if w < 1.0:
+            v = w * v + (1 - w) * vS + w * (1 - w) * (m - mS).pow(2)
+            m = w * m + (1 - w) * mS
+        return m, v
+
+    @torch.no_grad()
+    def _test_shift(self, mean_i: torch.Tensor, var_i: torch.Tensor) -> bool:
+        """True when the batch moved further from the stored marginal than any class explains."""
+        if mean_i.shape[0] < 2:
+            return False
+        bm, bv = pooled_stats(mean_i, var_i)
+        mS, vS = self.marginal(self.slot_means, self.slot_vars)
+        sd = (vS + self.eps).sqrt()
+        z = float(((bm - mS) / sd).abs().mean())
+        r = float(torch.log((bv + self.eps) / (vS + self.eps)).abs().mean())
+        zc = float(((self.slot_means - mS) / sd).abs().mean(dim=1).max())
+        rc = float(torch.log((self.slot_vars + self.eps) / (vS + self.eps)).abs().mean(dim=1).max())
+        # unseen classes may differ from the marginal by more than the slots show yet
+        zc, rc = max(zc, self.offset_floor), max(rc, self.offset_floor / 2)
+        k = self.shift_factor
+        return z > k * zc + 0.05 or r > k * rc + 0.05
+
     def updated_slots(
         self, mean_i: torch.Tensor, var_i: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slots after one batch (``means``, ``vars``, ``weight``); differentiable in the inputs."""
+        """Slots after one batch with pseudo-labels ``labels`` (``(B, N)`` probs or ``(B,)`` ids, -1 = skip)."""
         H = self._one_hot(labels, mean_i)  # (B, N)
         B = max(float(H.sum()), 1e-12)
         Sm, Sv, W = self.slot_means, self.slot_vars, self.slot_weight
-        Q = H
-        if self.soft_shift and labels.dim() == 2:
-            Q = labels.to(mean_i) * W  # responsibilities restricted to established slots
-            Q = Q / Q.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        wb = Q @ W  # established-ness of each sample's slot
-        mass = wb.sum()
-        if float(mass) > 1e-6:
-            s = self.shift_rate * float(mass) / B * B / (B + self.shift_kappa)
-            mu_exp = Q @ Sm
+        wb = H @ W  # established-ness of each sample's slot
+        mass = float(wb.sum())
+        if mass > 1e-6 and self.shift_rate > 0:
+            s = self.shift_rate * mass / B * B / (B + 4.0)
+            mu_exp = H @ Sm
             delta = (wb.unsqueeze(1) * (mean_i - mu_exp)).sum(dim=0) / mass
-            new_m = Sm + s * delta
-            if self.var_shift:
-                obs = var_i + (mean_i - mu_exp - delta).pow(2)
-                expected = Q @ (Sv + Sm.pow(2)) - mu_exp.pow(2)
-                rho = torch.log((wb.unsqueeze(1) * obs).sum(dim=0) + self.eps) - torch.log(
-                    (wb.unsqueeze(1) * expected).sum(dim=0) + self.eps
-                )
-                new_v = Sv * torch.exp(s * rho)
-            else:
-                new_v = Sv
-            Sm, Sv = new_m, new_v
+            obs = var_i + (mean_i - mu_exp - delta).pow(2)
+            rho = torch.log((wb.unsqueeze(1) * obs).sum(dim=0) + self.eps) - torch.log(
+                (wb.unsqueeze(1) * (H @ Sv)).sum(dim=0) + self.eps
+            )
+            Sm = Sm + s * delta
+            Sv = Sv * torch.exp(s * rho)
         n = H.sum(dim=0)  # (N,)
-        a = (n / (n + self.kappa).clamp_min(1e-12)) * (self.alpha + (1 - self.alpha) * (1 - W))
-        a = a.unsqueeze(1)
+        a = ((n / (n + self.kappa).clamp_min(1e-12)) * (self.alpha + (1 - self.alpha) * (1 - W))).unsqueeze(1)
         present = n.unsqueeze(1) > 0
         denom = n.clamp_min(1.0).unsqueeze(1)
-        s1 = H.t() @ mean_i  # (N, C) per-class sums
+        s1 = H.t() @ mean_i
         s2 = H.t() @ (var_i + mean_i * mean_i)
         class_mean = s1 / denom
         pooled = (s2 / denom - class_mean.pow(2)).clamp_min(0.0)
-        # a class seen once this batch: measure its spread around the slot mean instead (the
-        # pooled variance of one sample lacks the between-instance part)
-        single = (s2 - 2 * s1 * Sm + n.unsqueeze(1) * Sm.pow(2)) / denom
-        class_var = torch.where(n.unsqueeze(1) >= 2, pooled, single.clamp_min(0.0))
+        # a class seen once in the batch: its spread around the slot mean (the pooled variance of
+        # one sample lacks the between-instance part)
+        single = ((s2 - 2 * s1 * Sm + n.unsqueeze(1) * Sm.pow(2)) / denom).clamp_min(0.0)
+        class_var = torch.where(n.unsqueeze(1) >= 2, pooled, single)
         Sm = torch.where(present, Sm + a * (class_mean - Sm), Sm)
         Sv = torch.where(present, Sv + a * (class_var - Sv), Sv)
         W = W + a.squeeze(1) * (1 - W)
         return Sm, Sv, W
 
-    def debiased_batch_stats(
-        self, mean_i: torch.Tensor, var_i: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch statistics corrected for the batch's (pseudo-)class mix using the slots' class structure."""
-        B = mean_i.shape[0]
-        if labels.dim() == 1 and labels.is_floating_point() and labels.shape[0] == self.num_classes:
-            pi = labels.to(mean_i) / labels.sum().clamp_min(1e-12)  # a class-mix guess
-        else:
-            pi = self._one_hot(labels, mean_i).mean(dim=0)  # (N,)
-        Sm, Sv = self.slot_means, self.slot_vars
-        mS, vS = self.marginal(Sm, Sv)
-        sd = (vS + self.eps).sqrt()
-        off = (Sm - mS) / sd  # standardised class offsets (N, C)
-        wrel = Sv / (vS + self.eps)  # relative within-class variances
-        o_bar = pi @ off
-        denom = pi @ wrel + pi @ (off - o_bar).pow(2)
-        bm = mean_i.mean(dim=0)
-        bv = var_i.mean(dim=0) + (mean_i - bm).pow(2).mean(dim=0)
-        v = bv / denom.clamp_min(1e-3)
-        m = bm - (v + self.eps).sqrt() * o_bar
-        w = B / (B + self.batch_kappa)
-        v = w * v + (1 - w) * vS + w * (1 - w) * (m - mS).pow(2)
-        m = w * m + (1 - w) * mS
-        return m, v
-
     # -- module API -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if self.labels is None or self.stats_mode == "frozen":
-            if self.prior is not None and self.debias_batch:
-                mean_i, var_i = instance_stats(x)
-                m, v = self.debiased_batch_stats(mean_i, var_i, self.prior)
-            else:
-                m, v = self.marginal(self.slot_means, self.slot_vars)
+        if self.use_source_stats:
+            return self.source_forward(x)
+        if self.class_mix is None:
+            if self.detect_shift:
+                mean_i, var_i = instance_stats(x.detach())
+                self.shift_detected = self._test_shift(mean_i, var_i)
+                if self.shift_detected:  # stale statistics: this layer uses the batch's own
+                    m, v = pooled_stats(mean_i, var_i)
+                    return affine_normalize(x, m, v, self.weight, self.bias, self.eps)
+            m, v = self.marginal(self.slot_means, self.slot_vars)
             return affine_normalize(x, m, v, self.weight, self.bias, self.eps)
-        if self.labels.shape[0] != x.shape[0]:
-            raise ValueError(f"pseudo-labels for {self.labels.shape[0]} samples, batch has {x.shape[0]}")
         mean_i, var_i = instance_stats(x)
-        if self.debias_batch:
-            m, v = self.debiased_batch_stats(mean_i, var_i, self.labels)
-        else:
-            Sm, Sv, _ = self.updated_slots(mean_i, var_i, self.labels)
-            m, v = self.marginal(Sm, Sv)
-        self._record((mean_i.detach(), var_i.detach(), self.labels.detach()))
+        m, v = self.balanced_stats(mean_i, var_i, self.class_mix)
+        self._record((mean_i.detach(), var_i.detach()))
         return affine_normalize(x, m, v, self.weight, self.bias, self.eps)
 
     @torch.no_grad()
     def commit(self, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
-        """Apply the recorded update; ``labels`` (e.g. the post-forward predictions) replace the
-        pseudo-labels the forward used."""
-        if labels is not None and self._pending is not None:
-            mean_i, var_i, _ = self._pending
-            self._pending = (mean_i, var_i, labels.detach())
-        super().commit(mask)
-
-    def _apply_update(self, pending: tuple, mask: torch.Tensor | None) -> None:
-        mean_i, var_i, labels = pending
+        """Update the slots with the statistics recorded by the last forward and ``labels``
+        (``(B, N)`` probabilities or ``(B,)`` class ids, -1 = skip); without labels nothing changes."""
+        pending, self._pending = self._pending, None
+        if pending is None or labels is None:
+            return
+        mean_i, var_i = pending
+        labels = labels.detach()
         if mask is not None:
+            mask = mask.to(device=mean_i.device, dtype=torch.bool).reshape(-1)
             mean_i, var_i, labels = mean_i[mask], var_i[mask], labels[mask]
+        if mean_i.shape[0] == 0:
+            return
+        if self.new_domain and mean_i.shape[0] >= 2:
+            if self.reanchor > 0:
+                self._reanchor(mean_i, var_i)
+            if not self.update_on_shift:  # labels of a domain's first batch are unreliable
+                return
         Sm, Sv, W = self.updated_slots(mean_i, var_i, labels)
         self.slot_means.copy_(Sm)
         self.slot_vars.copy_(Sv.clamp_min(0.0))
         self.slot_weight.copy_(W)
+
+    def _reanchor(self, mean_i: torch.Tensor, var_i: torch.Tensor) -> None:
+        """Affine map of all slots taking their marginal to the batch statistics (class structure kept)."""
+        bm, bv = pooled_stats(mean_i, var_i)
+        mS, vS = self.marginal(self.slot_means, self.slot_vars)
+        b = self.reanchor
+        ratio = ((bv + self.eps) / (vS + self.eps)).pow(b)
+        new_m = mS + b * (bm - mS)
+        self.slot_means.copy_(new_m + ratio.sqrt() * (self.slot_means - mS))
+        self.slot_vars.mul_(ratio)
+
+    def _record(self, pending: tuple) -> None:
+        # never applied without labels: immediate mode keeps the record for an explicit commit()
+        if self.stats_mode != "frozen":
+            self._pending = pending
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_classes={self.num_classes}, alpha={self.alpha}, kappa={self.kappa}"
 
 
 def label_norms(model: nn.Module) -> list[ClassBalancedNorm]:
-    """The layers of ``model`` that consume pseudo-labels."""
+    """The layers of ``model`` that need a class mix and pseudo-labels."""
     return [m for m in model.modules() if getattr(m, "needs_pseudo_labels", False)]
 
 
-def set_pseudo_labels(layers: Iterable[nn.Module] | nn.Module, labels: torch.Tensor | None) -> None:
-    """Give every pseudo-label-driven layer the labels of the next forward (``None`` clears)."""
+def set_class_mix(layers: Iterable[nn.Module] | nn.Module, class_mix: torch.Tensor | None) -> None:
+    """Give every class-balanced layer the class mix of the next forward (``None``: stored marginal)."""
     mods = label_norms(layers) if isinstance(layers, nn.Module) else list(layers)
     for m in mods:
-        m.labels = labels
-
-
-def set_class_prior(layers: Iterable[nn.Module] | nn.Module, prior: torch.Tensor | None) -> None:
-    """Give every pseudo-label-driven layer a class-mix guess for a label-free pre-pass."""
-    mods = label_norms(layers) if isinstance(layers, nn.Module) else list(layers)
-    for m in mods:
-        m.prior = prior
+        m.class_mix = class_mix

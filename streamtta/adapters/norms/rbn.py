@@ -58,6 +58,8 @@ class RobustBatchNorm(AdaptiveNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.use_source_stats:
+            return self.source_forward(x)
         if self.stats_mode == "frozen":
             return affine_normalize(x, self.mean, self.var, self.weight, self.bias, self.eps)
         mean_i, var_i = instance_stats(x)

@@ -108,31 +108,38 @@ class UnMixTNS(AdaptiveNorm):
     def assignments(self, mean_i: torch.Tensor) -> torch.Tensor:
         """``p_bk = softmax_k(cos(m_b, mu_k) / tau)``, shape ``(B, K)`` (no gradient)."""
         with torch.no_grad():
-            sim = F.normalize(mean_i, dim=1) @ F.normalize(self.component_means, dim=1).t()
+            sim = F.normalize(mean_i, dim=1) @ self._component_terms()[5]
             return torch.softmax(sim / self.tau, dim=1)
+
+    def _component_terms(self) -> tuple[torch.Tensor, ...]:
+        """Quantities of the components that the mixture needs; cached until the components change."""
+        M, V = self.component_means, self.component_vars
+        key = (M._version, V._version, M.data_ptr(), V.data_ptr())
+        if getattr(self, "_terms_key", None) != key:
+            mbar = M.mean(dim=0)
+            Mc = M - mbar
+            Mc2 = Mc * Mc
+            self._terms = (mbar, torch.cat([Mc, Mc2, V], dim=1), torch.cat([Mc, Mc2], dim=1),
+                           Mc2.sum(dim=0), V.mean(dim=0), F.normalize(M, dim=1).t().contiguous())
+            self._terms_key = key
+        return self._terms
 
     def mixture_stats(
         self, mean_i: torch.Tensor, var_i: torch.Tensor, p: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-instance normalisation ``(mean_b, var_b)``, each ``(B, C)``, in closed form."""
-        M, V = self.component_means, self.component_vars
         K = self.K
-        mbar = M.mean(dim=0)
-        Mc = M - mbar
-        Mc2 = Mc * Mc
+        mbar, cat3, cat2, sum_mc2, vbar, _ = self._component_terms()
         u = mean_i - mbar
-        first = p @ torch.cat([Mc, Mc2, V], dim=1)  # (B, 3C)
-        pM, pM2, pV = first.split(self.num_features, dim=1)
+        pM, pM2, pV = (p @ cat3).split(self.num_features, dim=1)  # (B, C) each
         p2 = p * p
-        second = p2 @ torch.cat([Mc, Mc2], dim=1)  # (B, 2C)
-        p2M, p2M2 = second.split(self.num_features, dim=1)
+        p2M, p2M2 = (p2 @ cat2).split(self.num_features, dim=1)
         sp2 = p2.sum(dim=1, keepdim=True)
-        dev = u - pM  # own mean minus the p-weighted component mean
-        mu_c = dev / K
-        e_sq = (Mc2.sum(dim=0) + 2 * u * pM - 2 * pM2 + sp2 * u * u - 2 * u * p2M + p2M2) / K
+        mu_c = (u - pM) / K  # (own mean - p-weighted component mean) / K
+        e_sq = (sum_mc2 + 2 * u * pM - 2 * pM2 + sp2 * u * u - 2 * u * p2M + p2M2) / K
         var_mix = (e_sq - mu_c * mu_c).clamp_min(0.0)
         mean = mbar + mu_c
-        var = V.mean(dim=0) + (var_i - pV) / K + var_mix
+        var = vbar + (var_i - pV) / K + var_mix
         if self.instance_weight > 0.0:
             w = self.instance_weight
             # move the mean a further fraction w of the way to the instance mean; keep the
@@ -145,6 +152,8 @@ class UnMixTNS(AdaptiveNorm):
     # -- module API -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.use_source_stats:
+            return self.source_forward(x)
         if self.passthrough or x.dim() == 2:
             return affine_normalize(x, self.source_mean, self.source_var, self.weight, self.bias, self.eps)
         mean_i, var_i = instance_stats(x)
