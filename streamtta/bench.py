@@ -7,6 +7,7 @@ order. Metrics come from :func:`streamtta.metrics.summarize`; the JSON layout is
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -15,48 +16,120 @@ from typing import Any
 from streamtta.config import Config
 
 
+Variant = tuple[str, dict[str, Any]]
+
+
+def parse_variant(text: str) -> Variant:
+    """``"LABEL:section.key=value;section.key=value"`` -> ``(LABEL, nested overrides)``.
+
+    A variant runs every method again with some configuration changed (a scorer, re-adaptation on or
+    off, a detector); its label is appended to the method name in the results.
+
+    >>> parse_variant("readapt:monitor.readapt=true;monitor.detector=adwin")
+    ('readapt', {'monitor': {'readapt': True, 'detector': 'adwin'}})
+    >>> parse_variant("plain:")
+    ('plain', {})
+    """
+    from streamtta.config import ConfigError, parse_set_option
+
+    label, sep, rest = text.partition(":")
+    if not sep or not label.strip():
+        raise ConfigError(f"--variant expects LABEL:section.key=value[;...], got {text!r}")
+    return label.strip(), parse_set_option([t.strip() for t in rest.split(";") if t.strip()])
+
+
+def scorer_variants(names: list[str]) -> list[Variant]:
+    """One variant per OOD scorer name (``--scorers energy,msp``)."""
+    return [(n, {"scorer": {"name": n}}) for n in names]
+
+
 def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list[int], *,
               json_out: Path | None = None, plot_out: Path | None = None, markdown_out: Path | None = None,
-              progress: bool = True, limit: int | None = None) -> int:
+              progress: bool = True, limit: int | None = None, variants: list[Variant] | None = None,
+              table_metrics: tuple[str, ...] | None = None, cost: bool = False, cost_samples: int = 2048) -> int:
+    """Run ``methods`` (adapter specs) x ``variants`` on every scenario and seed; print, write, plot.
+
+    Every variant config is validated before anything runs, so a typo fails in a second, not after an
+    hour of benchmarking. ``cost=True`` measures compute cost instead (:mod:`streamtta.costs`) on the
+    first ``cost_samples`` samples of each scenario's stream (first seed).
+    """
     from rich.console import Console
 
     from streamtta import runner
     from streamtta.engine import Components
-    from streamtta.metrics import summarize
-    from streamtta.reports import aggregate, bench_markdown, plot_bench, print_bench_table, write_bench_json
+    from streamtta.metrics import batch_series, summarize
+    from streamtta.reports import DEFAULT_TABLE_METRICS, aggregate, bench_markdown, plot_bench, print_bench_table, write_bench_json
     from streamtta.simulations.scenario import build_stream, load_scenario
 
+    from pydantic import ValidationError
+
+    from streamtta.config import Config as _Config
+    from streamtta.config import ConfigError, _format_errors, deep_merge
+
+    variants = list(variants or [("", {})])
+    base = cfg.model_dump(mode="json")
+    variant_cfgs = []
+    for label, ov in variants:
+        try:
+            variant_cfgs.append((label, _Config.model_validate(deep_merge(base, ov))))
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, f"bench variant {label!r}")) from None
     console = Console()
     results: list[dict[str, Any]] = []
+    cost_rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     t_start = time.perf_counter()
     for scen_name in scenarios:
         path = runner.resolve_scenario(scen_name)
         scenario = load_scenario(path)
         model_name = cfg.model.source or getattr(scenario, "model", None) or runner.DEFAULT_MODEL
-        mcfg = cfg.model_copy(deep=True)
-        mcfg.model.source = model_name
+        lcfg = cfg.model_copy(deep=True)
+        lcfg.model.source = model_name
         if model_name not in models:
-            models[model_name] = runner.load_source_model(mcfg)
+            models[model_name] = runner.load_source_model(lcfg)
         model, meta = models[model_name]
+        runs = [(f"{m} ({label})" if label else m, m, vcfg) for label, vcfg in variant_cfgs for m in methods]
+        if cost:
+            from streamtta.costs import measure_costs
+
+            x, _ = build_stream(scenario, seeds[0]).materialize(0, cost_samples)
+            cost_cfgs = []
+            for label, vcfg in variant_cfgs:
+                c = vcfg.model_copy(deep=True)
+                c.model.source = model_name
+                cost_cfgs.append((label, c))
+            for row in measure_costs(cost_cfgs, methods, model, meta, x, batch_size=cfg.engine.batch_size):
+                cost_rows.append({"scenario": scenario.name, **row})
+            continue
         for seed in seeds:
             stream = build_stream(scenario, seed)
-            for method in methods:
-                mc = mcfg.model_copy(deep=True)
+            records = list(itertools.islice(runner.encoded_records(stream), limit))  # render once, replay to all
+            acc_by_method: dict[str, Any] = {}
+            for name, method, vcfg in runs:
+                mc = vcfg.model_copy(deep=True)
+                mc.model.source = model_name
                 mc.adapter.spec = method
                 mc.engine.seed = seed
                 comps = Components(mc, model, meta)
                 res = runner.simulate(mc, path, seed=seed, progress=progress, components=comps, stream=stream,
-                                      limit=limit)
+                                      limit=limit, records=records)
                 summary = summarize(res.log, known_classes=set(comps.classes))
-                console.print(f"[dim]{scenario.name} | {method} | seed {seed}: "
+                console.print(f"[dim]{scenario.name} | {name} | seed {seed}: "
                               f"acc={_p(summary.get('acc'))} auroc={_p(summary.get('auroc'))} "
                               f"{res.stats['samples_per_s']} samples/s[/]")
-                results.append({"scenario": scenario.name, "method": method, "seed": seed,
+                results.append({"scenario": scenario.name, "method": name, "seed": seed,
                                 "metrics": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
                                 "per_domain": summary.get("per_domain", {}), "stats": res.stats})
+                acc_by_method[name] = batch_series(res.log, known_classes=set(comps.classes))["acc"]
+            src = next((n for n, m, _ in runs if m == "source"), None)
+            if src is not None:  # same stream, same batches: compare batch by batch
+                for r in results[-len(runs):]:
+                    r["metrics"].update(compare_to_source(acc_by_method[r["method"]], acc_by_method[src]))
+    if cost:
+        return _finish_cost(cost_rows, console, json_out, markdown_out, t_start)
     agg = aggregate(results)
-    print_bench_table(agg, console=console)
+    cols = table_metrics or DEFAULT_TABLE_METRICS
+    print_bench_table(agg, console=console, metrics=cols)
     command = ["streamtta", *sys.argv[1:]] if sys.argv and "streamtta" in sys.argv[0] else sys.argv
     if json_out is not None:
         write_bench_json(json_out, results, agg, command=command)
@@ -65,10 +138,53 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
         plot_bench(agg, plot_out)
         console.print(f"plot -> {plot_out}")
     if markdown_out is not None:
-        Path(markdown_out).write_text(bench_markdown(agg))
+        Path(markdown_out).write_text(bench_markdown(agg, metrics=cols))
         console.print(f"markdown -> {markdown_out}")
     console.print(f"bench wall time {time.perf_counter() - t_start:.1f} s")
     return 0
+
+
+def _finish_cost(rows: list[dict[str, Any]], console: Any, json_out: Path | None, markdown_out: Path | None,
+                 t_start: float) -> int:
+    import datetime as dt
+    import json
+
+    import torch
+
+    from streamtta.costs import cost_markdown, print_cost_table
+    from streamtta.reports import collect_versions, to_jsonable
+
+    print_cost_table(rows, console=console)
+    command = ["streamtta", *sys.argv[1:]] if sys.argv and "streamtta" in sys.argv[0] else sys.argv
+    if json_out is not None:
+        doc = {"schema_version": 1, "kind": "cost", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+               "command": " ".join(command), "versions": collect_versions(), "torch_threads": torch.get_num_threads(),
+               "rows": rows}
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(to_jsonable(doc), indent=2))
+        console.print(f"cost JSON -> {json_out}")
+    if markdown_out is not None:
+        Path(markdown_out).write_text(cost_markdown(rows))
+        console.print(f"markdown -> {markdown_out}")
+    console.print(f"bench wall time {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def compare_to_source(acc: Any, source_acc: Any) -> dict[str, float]:
+    """Per-batch accuracy against the non-adapting source model on the same batches: the longest run
+    of consecutive batches below it and the share of batches below it (percent).
+
+    >>> compare_to_source([80, 70, 60, 90], [75, 75, 75, 75])
+    {'max_batches_below_source': 2, 'batches_below_source_pct': 50.0}
+    """
+    import numpy as np
+
+    from streamtta.metrics import longest_run_below
+
+    a, b = np.asarray(acc, dtype=np.float64), np.asarray(source_acc, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    pct = float(100.0 * (a[ok] < b[ok]).mean()) if ok.any() else float("nan")
+    return {"max_batches_below_source": longest_run_below(a, b), "batches_below_source_pct": pct}
 
 
 def _p(v: Any) -> str:

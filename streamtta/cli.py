@@ -142,6 +142,8 @@ def _print_summary(summary: dict[str, Any], stats: dict[str, Any], run_dir: Path
     rows = [
         ("samples", stats.get("samples")),
         ("samples/s (end to end)", stats.get("samples_per_s")),
+        ("samples/s after the first record", stats.get("steady_samples_per_s")),
+        ("start-up: group join to first record (s)", stats.get("startup_s")),
         ("bare model forward samples/s", stats.get("bare_forward_samples_per_s")),
         ("bare adapter step samples/s", stats.get("bare_step_samples_per_s")),
         ("online accuracy, known classes (%)", _fmt(summary.get("acc"))),
@@ -283,13 +285,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from streamtta.bench import run_bench
+    from streamtta.bench import parse_variant, run_bench, scorer_variants
 
     cfg = resolve_config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    variants = [parse_variant(v) for v in args.variants]
+    if args.scorers:
+        variants += scorer_variants([s.strip() for s in args.scorers.split(",") if s.strip()])
     return run_bench(cfg, args.scenarios, methods, seeds, json_out=args.json, plot_out=args.plot,
-                     markdown_out=args.markdown, progress=cfg.run.progress, limit=args.limit)
+                     markdown_out=args.markdown, progress=cfg.run.progress, limit=args.limit,
+                     variants=variants or None, table_metrics=args.metrics, cost=args.cost,
+                     cost_samples=args.cost_samples)
 
 
 def cmd_train_source(args: argparse.Namespace) -> int:
@@ -342,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", type=Path, help="write a PNG comparison plot here")
     b.add_argument("--markdown", type=Path, help="write the results table as Markdown here")
     b.add_argument("--limit", type=int, help="use only the first N samples of each stream (smoke runs)")
+    b.add_argument("--scorers", help="comma-separated OOD scorers: every method runs once per scorer")
+    b.add_argument("--variant", dest="variants", action="append", default=[], metavar="LABEL:KEY=V[;KEY=V]",
+                   help="run every method again with these config overrides, e.g. "
+                        "'readapt:monitor.readapt=true' (repeatable; the label is added to the method name)")
+    b.add_argument("--cost", action="store_true",
+                   help="measure compute cost instead: plain forward vs adapter step vs scoring, per batch (ms)")
+    b.add_argument("--cost-samples", type=int, default=2048, help="samples per scenario for --cost")
+    b.add_argument("--metrics", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
+                   help="table columns (metric names of metrics.summarize), e.g. acc,auroc,fpr95")
     add_config_flags(b, kafka=False)
     b.set_defaults(func=cmd_bench)
 

@@ -285,6 +285,8 @@ class Engine:
         self.skipped = 0
         self.batches = 0
         self.step_time_s = 0.0
+        #: ``time.perf_counter()`` when the first record arrived (after group join / assignment)
+        self.first_record_at: float | None = None
         self._pending_commit: dict[TopicPartition, int] = {}
         self._batches_since_ckpt = 0
         self._dirty: set[str] = set()
@@ -375,6 +377,8 @@ class Engine:
     def process(self, records: list[RawRecord]) -> None:
         """Process one consumed batch end to end (up to the commit)."""
         t0 = time.perf_counter()
+        if self.first_record_at is None:
+            self.first_record_at = t0
         self.records_seen += len(records)
         groups: dict[str, list[tuple[RawRecord, Sample]]] = defaultdict(list)
         bad: list[tuple[RawRecord, str]] = []

@@ -449,6 +449,26 @@ def recovery_batches(
     return out
 
 
+def longest_run_below(series: Any, reference: Any) -> int:
+    """Longest run of consecutive positions where ``series < reference`` (positions where either is
+    NaN break a run). Used as "batches in a row below the non-adapting source model".
+
+    >>> longest_run_below([80, 70, 60, 90, 50, 40], [75, 75, 75, 75, 75, 75])
+    2
+    >>> longest_run_below([80.0, float("nan"), 60], [75, 75, 75])
+    1
+    """
+    a = np.asarray(series, dtype=np.float64).ravel()
+    b = np.asarray(reference, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"series and reference differ in length: {a.size} vs {b.size}")
+    best = run = 0
+    for below in (a < b) & np.isfinite(a) & np.isfinite(b):
+        run = run + 1 if below else 0
+        best = max(best, run)
+    return best
+
+
 # ----------------------------------------------------------------------------------------------
 # speed
 # ----------------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ METRICS: dict[str, tuple[str, str | None, int]] = {
     "delay_median_samples": ("Delay med (smp)", "lower", 0),
     "delay_mean_batches": ("Delay (bat)", "lower", 1),
     "recovery_mean_batches": ("Recovery (bat)", "lower", 1),
+    "max_batches_below_source": ("Max run < source (bat)", "lower", 0),
+    "batches_below_source_pct": ("Batches < source %", "lower", 1),
     "samples_per_s": ("Samples/s", "higher", 0),
     "latency_p50_ms": ("p50 ms", "lower", 1),
     "latency_p99_ms": ("p99 ms", "lower", 1),
@@ -98,7 +100,8 @@ METRICS: dict[str, tuple[str, str | None, int]] = {
 }
 
 DEFAULT_TABLE_METRICS: tuple[str, ...] = (
-    "acc", "acc_h", "auroc", "fpr95", "delay_mean_batches", "false_alarms_per_10k", "samples_per_s",
+    "acc", "acc_h", "auroc", "fpr95", "delay_mean_batches", "false_alarms_per_10k", "max_batches_below_source",
+    "samples_per_s",
 )
 
 #: colour per alert kind in :func:`plot_run` (unknown kinds get grey).

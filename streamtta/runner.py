@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -159,12 +159,24 @@ class RunResult:
     run_dir: Path | None = None
 
 
-def engine_stats(engine: Engine, wall_s: float) -> dict[str, Any]:
-    return {"records": engine.records_seen, "samples": engine.samples_processed,
-            "dead_letters": engine.dead_letters, "skipped_already_checkpointed": engine.skipped,
-            "batches": engine.batches, "wall_s": round(wall_s, 3),
-            "samples_per_s": round(engine.samples_processed / wall_s, 1) if wall_s > 0 else None,
-            "adapter_step_s": round(engine.step_time_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+def engine_stats(engine: Engine, wall_s: float, started_at: float | None = None,
+                 ended_at: float | None = None) -> dict[str, Any]:
+    """Counters and throughput of one engine run.
+
+    ``samples_per_s`` divides by the whole wall time (group join and end-of-stream detection
+    included); ``steady_samples_per_s`` by the time from the first record to the end, i.e. the
+    engine's own rate once it has partitions to read (needs ``started_at``/``ended_at``).
+    """
+    stats = {"records": engine.records_seen, "samples": engine.samples_processed,
+             "dead_letters": engine.dead_letters, "skipped_already_checkpointed": engine.skipped,
+             "batches": engine.batches, "wall_s": round(wall_s, 3),
+             "samples_per_s": round(engine.samples_processed / wall_s, 1) if wall_s > 0 else None,
+             "adapter_step_s": round(engine.step_time_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    first = engine.first_record_at
+    if started_at is not None and ended_at is not None and first is not None and ended_at > first:
+        stats["startup_s"] = round(first - started_at, 3)
+        stats["steady_samples_per_s"] = round(engine.samples_processed / (ended_at - first), 1)
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,11 +184,13 @@ def engine_stats(engine: Engine, wall_s: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 def simulate(cfg: Config, scenario_path: str | Path, *, seed: int | None = None, progress: bool = True,
              components: Components | None = None, run_dir: Path | None = None, stream: Any = None,
-             limit: int | None = None) -> RunResult:
+             limit: int | None = None, records: Sequence[RawRecord] | None = None) -> RunResult:
     """Replay a scenario through the engine with an in-memory source and sinks.
 
-    ``stream`` reuses an already built stream (benchmarks build each (scenario, seed) stream once);
-    ``limit`` keeps only its first samples. Scenarios with ``reset_each_domain`` start every domain
+    ``stream`` reuses an already built stream and ``records`` its already encoded records
+    (:func:`encoded_records`; benchmarks render and encode each (scenario, seed) stream once, so every
+    method sees the same bytes and ``samples_per_s`` measures the engine, not the corruption library);
+    ``limit`` keeps only the first samples. Scenarios with ``reset_each_domain`` start every domain
     from a fresh adaptation state (the oracle-boundary protocol of TTA benchmarks).
     """
     import itertools
@@ -200,7 +214,7 @@ def simulate(cfg: Config, scenario_path: str | Path, *, seed: int | None = None,
         alerts.append(JsonlSink(run_dir / "alerts.jsonl"))
     outputs = Outputs(predictions=None, alerts=alerts, dlq=MemoryDeadLetter())
     total = len(stream) if limit is None else min(limit, len(stream))
-    records = itertools.islice(encoded_records(stream), total)
+    records = itertools.islice(encoded_records(stream) if records is None else records, total)
     sim_cfg = cfg.model_copy(deep=True)
     sim_cfg.kafka.stop_at_end = True
     sim_cfg.kafka.poll_timeout_s = 0.001
@@ -306,12 +320,13 @@ def consume(cfg: Config, bootstrap: str, *, components: Components | None = None
     with stack, graceful_shutdown(engine), progress_bar(total, f"consume {k.topic}", progress) as advance:
         engine.on_batch = advance
         engine.run(max_records=max_records)
-    wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    wall = t1 - t0
     if runlog is not None:
         runlog.wall_s = wall
         runlog.peak_rss_mb = peak_rss_mb()
         runlog.dead_letters = engine.dead_letters
-    stats = engine_stats(engine, wall)
+    stats = engine_stats(engine, wall, started_at=t0, ended_at=t1)
     # engine <-> source callbacks form a cycle: collect it now so the producer/consumer handles close
     # while the broker is still up (no reconnect noise from librdkafka after an embedded broker stops)
     del engine, stack
