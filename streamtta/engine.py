@@ -170,6 +170,7 @@ class Components:
         self.num_classes = len(self.classes)
         self.spec = DEFAULT_SPEC if cfg.adapter.spec == "default" else cfg.adapter.spec
         self._build_adapter = build_adapter
+        self._class_prior: list[Any] | None = None
         self.scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
         self.base_scorer = build_scorer(self.scorer_name, **cfg.scorer.options)
         self.base_novelty: Any | None = None
@@ -189,8 +190,20 @@ class Components:
             self.meta_init = load_meta_init(cfg.model.source or "digits-resnet")
 
     def new_adapter(self) -> Any:
+        """A fresh adapter; class-statistics norms (cb-stats) start from the source class prior."""
         torch.manual_seed(self.cfg.engine.seed)
-        return self._build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
+        adapter = self._build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
+        if self.cfg.adapter.class_prior and getattr(adapter, "_label_layers", None):
+            if self._class_prior is None and self.meta is not None:
+                from streamtta.models.data import load_source_train
+
+                x, y = load_source_train(self.meta)
+                index = {c: i for i, c in enumerate(self.classes)}
+                yi = torch.as_tensor([index.get(int(v), -1) for v in np.asarray(y)])
+                self._class_prior = adapter.fit_class_prior(torch.as_tensor(np.asarray(x), dtype=torch.float32), yi)
+            elif self._class_prior is not None:
+                adapter.set_class_prior(self._class_prior)
+        return adapter
 
     @torch.no_grad()
     def adapter_features(self, x: Any, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -36,6 +36,7 @@ from streamtta.adapters.common import FeatureHook, last_linear_name, norm_affine
 from streamtta.adapters.context import StepContext
 from streamtta.adapters.filters.base import Filter
 from streamtta.adapters.guards.base import Guard
+from streamtta.adapters.norms.base import instance_stats
 from streamtta.adapters.norms import (
     NORM_CLASSES,
     commit_stats,
@@ -349,6 +350,70 @@ class CompositeAdapter(Adapter):
             mix = em_class_mix(probs)
         set_class_mix(self._label_layers, mix)
         return pre_logits
+
+    @torch.no_grad()
+    def fit_class_prior(self, x: torch.Tensor, y: torch.Tensor,
+                        batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Start the class slots of the pseudo-label norms (cb-stats) from labelled source data.
+
+        ``x`` goes through the *source* model (source statistics and parameters) and every cb-stats
+        layer gets the class-conditional mean and variance of its input (``y`` = class indices,
+        ``-1`` = ignored); classes without a sample keep the layer's source statistics. The result
+        becomes part of the initial state, so :meth:`reset` returns to it. Returns the per-layer
+        ``(class_means, class_vars)`` (empty for adapters without cb-stats layers), which
+        :meth:`set_class_prior` gives to another adapter of the same model without the data pass.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from streamtta.adapters import build_adapter
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> ad = build_adapter("cb-stats", net, num_classes=2)
+        >>> prior = ad.fit_class_prior(torch.rand(20, 1, 6, 6), torch.arange(20) % 2)
+        >>> len(prior), tuple(prior[0][0].shape), ad.model[1].slot_weight.tolist()
+        (1, (2, 4), [0.5, 0.5])
+        """
+        layers = list(self._label_layers)
+        if not layers:
+            return []
+        y = torch.as_tensor(y).long().reshape(-1)
+        if len(y) != len(x):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels")
+        seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in layers}
+
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+            seen[id(mod)].append(instance_stats(inp[0].detach()))
+
+        handles = [m.register_forward_pre_hook(hook) for m in layers]
+        try:
+            for i in range(0, len(x), batch_size):
+                self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32))
+        finally:
+            for h in handles:
+                h.remove()
+        prior = []
+        for m in layers:
+            mean_i = torch.cat([a for a, _ in seen[id(m)]])
+            var_i = torch.cat([b for _, b in seen[id(m)]])
+            cm, cv = m.source_mean.expand_as(m.slot_means).clone(), m.source_var.expand_as(m.slot_vars).clone()
+            for c in range(self.num_classes):
+                sel = y == c
+                if int(sel.sum()) >= 2:
+                    cm[c] = mean_i[sel].mean(0)
+                    cv[c] = var_i[sel].mean(0) + mean_i[sel].var(0, unbiased=False)
+            prior.append((cm, cv))
+        self.set_class_prior(prior)
+        return prior
+
+    def set_class_prior(self, prior: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give the cb-stats layers (module order) class priors from :meth:`fit_class_prior`; they
+        become part of the initial state."""
+        layers = list(self._label_layers)
+        if len(prior) != len(layers):
+            raise ValueError(f"prior has {len(prior)} layers, the adapter {len(layers)} cb-stats layers")
+        for m, (cm, cv) in zip(layers, prior):
+            m.set_class_prior(cm, cv)
+        self._initial_state = self.state_dict()
 
     def _commit_labels(self, logits: torch.Tensor, pre_logits: torch.Tensor | None) -> torch.Tensor | None:
         if pre_logits is None:

@@ -100,7 +100,7 @@ TERMS: dict[str, TermInfo] = {
     for t in [
         TermInfo("source", "norm", {}),
         TermInfo("bn", "norm", {"min_batch_size": int, "source_weight": float}, _same("min_batch_size", "source_weight")),
-        TermInfo("rbn", "norm", {"alpha": float}, {"rbn_alpha": "alpha"}),
+        TermInfo("rbn", "norm", {"alpha": float, "warmup": float}, {"rbn_alpha": "alpha"}),
         TermInfo(
             "unmix-tns",
             "norm",
@@ -111,7 +111,7 @@ TERMS: dict[str, TermInfo] = {
             "cb-stats",
             "norm",
             {"alpha": float, "kappa": float, "shift_rate": float, "batch_kappa": float, "shift_factor": float,
-             "reanchor": float, "offset_floor": float, "update_on_shift": bool, **LABEL_ARGS},
+             "reanchor": float, "offset_floor": float, "update_on_shift": bool, "prior_weight": float, **LABEL_ARGS},
             {"cb_alpha": "alpha", "kappa": "kappa", "shift_rate": "shift_rate", "batch_kappa": "batch_kappa",
              "shift_factor": "shift_factor"},
         ),

@@ -37,13 +37,21 @@ class RobustBatchNorm(AdaptiveNorm):
         source_mean: torch.Tensor | None = None,
         source_var: torch.Tensor | None = None,
         alpha: float = 0.05,
+        warmup: float = 0.0,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, source_mean, source_var)
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"RBN alpha must be in (0, 1], got {alpha}")
         self.alpha = float(alpha)
+        self.warmup = float(warmup)
         self.register_buffer("mean", self.source_mean.clone())
         self.register_buffer("var", self.source_var.clone())
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+
+    def _alpha(self) -> float:
+        if self.warmup <= 0:
+            return self.alpha
+        return max(self.alpha, self.warmup / (float(self.n_updates) + self.warmup))
 
     def _batch_stats(
         self, mean_i: torch.Tensor, var_i: torch.Tensor, mask: torch.Tensor | None = None
@@ -64,16 +72,19 @@ class RobustBatchNorm(AdaptiveNorm):
             return affine_normalize(x, self.mean, self.var, self.weight, self.bias, self.eps)
         mean_i, var_i = instance_stats(x)
         bm, bv = self._batch_stats(mean_i, var_i)  # gradients flow through the batch part, as in RoTTA
-        mean = (1 - self.alpha) * self.mean + self.alpha * bm
-        var = (1 - self.alpha) * self.var + self.alpha * bv
+        a = self._alpha()
+        mean = (1 - a) * self.mean + a * bm
+        var = (1 - a) * self.var + a * bv
         self._record((mean_i.detach(), var_i.detach()))
         return affine_normalize(x, mean, var, self.weight, self.bias, self.eps)
 
     def _apply_update(self, pending: tuple, mask: torch.Tensor | None) -> None:
         mean_i, var_i = pending
         bm, bv = self._batch_stats(mean_i, var_i, mask)
-        self.mean.mul_(1 - self.alpha).add_(bm, alpha=self.alpha)
-        self.var.mul_(1 - self.alpha).add_(bv, alpha=self.alpha)
+        a = self._alpha()
+        self.mean.mul_(1 - a).add_(bm, alpha=a)
+        self.var.mul_(1 - a).add_(bv, alpha=a)
+        self.n_updates += 1
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha}"
