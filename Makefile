@@ -38,6 +38,7 @@ bench: $(STAMP)
 checkpoints: $(STAMP)
 	$(VENV)/bin/streamtta train-source --dataset digits --seed 0 --out streamtta/models/checkpoints/digits-resnet.pt
 	$(VENV)/bin/streamtta train-source --dataset segment --seed 0 --out streamtta/models/checkpoints/segment-mlp.pt
+	$(VENV)/bin/streamtta meta-train --model digits-resnet --seed 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs .streamtta

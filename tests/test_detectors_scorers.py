@@ -143,7 +143,7 @@ def test_recalibrate_keeps_classes_missing_from_buffer():
     assert sorted(set(s.memory.classes_.tolist())) == [0, 1, 2, 3]
 
 
-def test_fusion_is_default_and_gate_records_scores():
+def test_default_scorer_and_gate_records_scores():
     assert DEFAULT_SCORER in SCORERS
     f, lo, y = id_data(400, 0)
     s = build_scorer(DEFAULT_SCORER).fit(f, lo, y)
