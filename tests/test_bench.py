@@ -36,21 +36,21 @@ def test_bench_runs_methods_and_variants_on_the_same_stream(tmp_path, capsys):
     out = tmp_path / "b.json"
     md = tmp_path / "b.md"
     rc = main(["bench", "quickstart", "--methods", "source,bn", "--seeds", "1", "--limit", "640",
-               "--variant", "plain:", "--scorers", "energy", "--json", str(out), "--markdown", str(md),
+               "--variant", "plain:", "--scorers", "msp", "--json", str(out), "--markdown", str(md),
                "--metrics", "acc,auroc,max_batches_below_source", "--no-progress", "--output-dir", str(tmp_path)])
     assert rc == 0
     doc = read_bench_json(out)
     names = [r["method"] for r in doc["results"]]
-    assert names == ["source (plain)", "bn (plain)", "source (energy)", "bn (energy)"]
+    assert names == ["source (plain)", "bn (plain)", "source (msp)", "bn (msp)"]
     by = {r["method"]: r["metrics"] for r in doc["results"]}
     # the same 10 batches went to every run: the source model never trails itself, and its accuracy does
     # not depend on the scorer
     assert by["source (plain)"]["max_batches_below_source"] == 0
-    assert by["source (energy)"]["acc"] == by["source (plain)"]["acc"]
+    assert by["source (msp)"]["acc"] == by["source (plain)"]["acc"]
     assert 0 <= by["bn (plain)"]["max_batches_below_source"] <= 10
-    assert by["bn (plain)"]["auroc"] != by["bn (energy)"]["auroc"]  # a different scorer ran
+    assert by["bn (plain)"]["auroc"] != by["bn (msp)"]["auroc"]  # a different scorer ran
     table = md.read_text()
-    assert "bn (energy)" in table and "Max run < source" in table
+    assert "bn (msp)" in table and "Max run < source" in table
     assert json.loads(out.read_text())["command"]
 
 
