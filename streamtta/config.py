@@ -99,6 +99,8 @@ class MonitorConfig(Section):
     novelty: bool = Field(True, description="Watch OOD samples for a persistent novel cluster.")
     cooldown_batches: int = Field(10, ge=0, description="Batches after a confirmed shift before the next one.")
     readapt: bool = Field(False, description="Run meta-OOD re-adaptation on a confirmed shift.")
+    readapt_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="ReAdapter settings (steps, lr, buffer_size, ...).")
     burst: dict[str, Any] | None = Field(default_factory=dict, description="OOD-burst rule options (level, "
                                          "n_batches); null disables the rule.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra ShiftMonitor options.")

@@ -245,7 +245,7 @@ class Components:
         if self.meta_init is not None:
             from streamtta.detectors.meta import ReAdapter
 
-            readapter = ReAdapter(self.meta_init)
+            readapter = ReAdapter(self.meta_init, **self.cfg.monitor.readapt_options)
         burst = OODBurstRule(**mon_cfg.burst) if mon_cfg.enabled and mon_cfg.burst is not None else None
         novelty = copy.deepcopy(self.base_novelty) if mon_cfg.enabled and mon_cfg.novelty else None
         return StreamState(key, adapter, scorer, monitor, policy, readapter, burst, novelty)
