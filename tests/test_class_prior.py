@@ -102,3 +102,25 @@ def test_engine_components_give_new_adapters_the_prior():
     cfg.adapter.class_prior = False
     plain = Components(cfg, model, meta, ).new_adapter()
     assert all(float(m.slot_weight.max()) == 0.0 for m in plain.model.modules() if isinstance(m, ClassBalancedNorm))
+
+
+def test_balance_shrink_takes_nearly_uniform_mixes_as_uniform():
+    from streamtta.adapters.composite import balance_shrunk_mix
+
+    near = torch.tensor([0.15, 0.1, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125])
+    assert torch.allclose(balance_shrunk_mix(near), torch.full((8,), 0.125))
+    one = torch.zeros(8)
+    one[3] = 1.0
+    assert torch.equal(balance_shrunk_mix(one), one)
+    half = torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0])  # tv = 0.75 >= 0.6: kept as estimated
+    assert torch.equal(balance_shrunk_mix(half), half)
+    mid = torch.tensor([0.45, 0.45, 0.1 / 6, 0.1 / 6, 0.1 / 6, 0.1 / 6, 0.1 / 6, 0.1 / 6])  # tv = 0.575
+    out = balance_shrunk_mix(mid)
+    assert float(out.sum()) == pytest.approx(1.0) and 0.125 < float(out[0]) < 0.45
+    net, _, _ = toy()
+    assert build_adapter("cb-stats", net, num_classes=3).balanced_tv is None  # off by default
+    ad = build_adapter("cb-stats(balanced_tv=0.1,imbalanced_tv=0.2)", net, num_classes=3)
+    assert (ad.balanced_tv, ad.imbalanced_tv) == (0.1, 0.2)
+    assert build_adapter("cb-stats(balanced_tv=0.2)", net, num_classes=3).imbalanced_tv == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="balanced_tv"):
+        build_adapter("cb-stats(balanced_tv=0.5,imbalanced_tv=0.2)", net, num_classes=3)

@@ -70,6 +70,28 @@ def _clone_state(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def balance_shrunk_mix(mix: torch.Tensor, balanced_tv: float = 0.3, imbalanced_tv: float = 0.6) -> torch.Tensor:
+    """Shrink an estimated class mix towards uniform when it is close to uniform.
+
+    An i.i.d. batch's EM class-mix estimate deviates from uniform by sampling and posterior noise;
+    correcting the batch statistics for that spurious imbalance costs a little accuracy on i.i.d.
+    streams, while label-correlated batches are far from uniform (an option of the adapter, off by
+    default: it cost more on class-sorted streams than it gained on i.i.d. ones). With ``tv`` the
+    total-variation distance of ``mix`` from uniform, the result is ``(1 - r) mix + r / C`` with
+    ``r = 1`` for ``tv <= balanced_tv``, ``r = 0`` for ``tv >= imbalanced_tv``, linear in between.
+
+    >>> m = balance_shrunk_mix(torch.tensor([0.3, 0.2, 0.25, 0.25]))     # tv = 0.05: balanced
+    >>> m.tolist()
+    [0.25, 0.25, 0.25, 0.25]
+    >>> balance_shrunk_mix(torch.tensor([1.0, 0.0, 0.0, 0.0])).tolist()  # tv = 0.75: one class, kept
+    [1.0, 0.0, 0.0, 0.0]
+    """
+    c = mix.numel()
+    tv = 0.5 * float((mix - 1.0 / c).abs().sum())
+    r = min(max((imbalanced_tv - tv) / (imbalanced_tv - balanced_tv), 0.0), 1.0)
+    return (1.0 - r) * mix + r / c
+
+
 class CompositeAdapter(Adapter):
     """Online adapter assembled from a normalisation, an optional objective, filters and guards.
 
@@ -95,6 +117,13 @@ class CompositeAdapter(Adapter):
         final predictions where they agree with the pre-pass, other samples ignored).
     label_confidence: ``cb-stats`` slots learn only from samples whose final confidence is at
         least this (``relabel`` ``"final"``/``"agree"``).
+    balanced_tv, imbalanced_tv: off by default. When set, the estimated class mix of a batch
+        whose total-variation distance from uniform is at most ``balanced_tv`` is taken as uniform
+        (the batch is balanced up to estimation noise: plain batch statistics); at or above
+        ``imbalanced_tv`` (default ``balanced_tv + 0.3``) it is used as estimated; linear in
+        between (see :func:`balance_shrunk_mix`). Measured with ``balanced_tv=0.3`` (seeds 1-3,
+        reset per domain): i.i.d. 90.6 -> 91.0%, but class-sorted 86.6 -> 81.7% and digits-c-long
+        88.8 -> 85.4%, hence off.
     """
 
     def __init__(
@@ -116,6 +145,8 @@ class CompositeAdapter(Adapter):
         prepass: str = "auto",
         relabel: str = "final",
         label_confidence: float = 0.6,
+        balanced_tv: float | None = None,
+        imbalanced_tv: float | None = None,
         spec: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -146,6 +177,13 @@ class CompositeAdapter(Adapter):
         if not 0.0 <= label_confidence < 1.0:
             raise ValueError(f"label_confidence must be in [0, 1), got {label_confidence}")
         self.label_confidence = float(label_confidence)
+        if balanced_tv is None and imbalanced_tv is not None:
+            raise ValueError("imbalanced_tv needs balanced_tv")
+        if balanced_tv is not None:
+            imbalanced_tv = min(balanced_tv + 0.3, 1.0) if imbalanced_tv is None else imbalanced_tv
+            if not 0.0 <= balanced_tv < imbalanced_tv <= 1.0:
+                raise ValueError(f"need 0 <= balanced_tv < imbalanced_tv <= 1, got {balanced_tv}, {imbalanced_tv}")
+        self.balanced_tv, self.imbalanced_tv = balanced_tv, imbalanced_tv
 
         self.model = copy.deepcopy(model)
         layer_kwargs = dict(self.norm_kwargs)
@@ -348,6 +386,8 @@ class CompositeAdapter(Adapter):
             mix = torch.full((self.num_classes,), 1.0 / self.num_classes, device=x.device)
         else:
             mix = em_class_mix(probs)
+            if self.balanced_tv is not None:
+                mix = balance_shrunk_mix(mix, self.balanced_tv, self.imbalanced_tv)
         set_class_mix(self._label_layers, mix)
         return pre_logits
 

@@ -75,7 +75,8 @@ ADAPTER_ARGS: dict[str, type] = {
     "weight_decay": float,
 }
 #: Adapter-level arguments that the pseudo-label norm (cb-stats) accepts inline.
-LABEL_ARGS: dict[str, type] = {"prepass": str, "relabel": str, "label_confidence": float}
+LABEL_ARGS: dict[str, type] = {"prepass": str, "relabel": str, "label_confidence": float, "balanced_tv": float,
+                               "imbalanced_tv": float}
 #: Adapter-level override keys (not tied to a term).
 GLOBAL_OVERRIDES: dict[str, type] = {
     **ADAPTER_ARGS, **LABEL_ARGS, "feature_layer": str, "feature_hook": str, "seed": int,
