@@ -87,6 +87,10 @@ class ScorerConfig(Section):
                                              "or prototype, knn, energy, msp, mahalanobis.")
     calibrate: bool = Field(True, description="Calibrate the 95%-TPR threshold on the source hold-out.")
     options: dict[str, Any] = Field(default_factory=dict, description="Scorer options (e.g. per_class, k).")
+    gate: str | None = Field("fusion", description="A second scorer whose OOD flags also keep samples out of "
+                                                    "adaptation (a sample adapts only if neither scorer flags "
+                                                    "it); 'none': the main scorer alone.")
+    gate_options: dict[str, Any] = Field(default_factory=dict, description="Options of the gate scorer.")
 
 
 class MonitorConfig(Section):

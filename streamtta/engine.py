@@ -106,6 +106,7 @@ class StreamState:
     readapter: Any | None = None
     burst: Any | None = None
     novelty: Any | None = None
+    gate_scorer: Any | None = None
     batch_index: int = 0
     n_samples: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -120,6 +121,7 @@ class StreamState:
             "readapter": self.readapter.state_dict() if self.readapter is not None else None,
             "burst": self.burst.state_dict() if self.burst is not None else None,
             "novelty": self.novelty.state_dict() if self.novelty is not None else None,
+            "gate_scorer": self.gate_scorer.state_dict() if self.gate_scorer is not None else None,
             "batch_index": self.batch_index,
             "n_samples": self.n_samples,
             "next_offsets": {f"{t}\x00{p}": o for (t, p), o in self.next_offsets.items()},
@@ -137,6 +139,8 @@ class StreamState:
             self.burst.load_state_dict(st["burst"])
         if self.novelty is not None and st.get("novelty") is not None:
             self.novelty.load_state_dict(st["novelty"])
+        if self.gate_scorer is not None and st.get("gate_scorer") is not None:
+            self.gate_scorer.load_state_dict(st["gate_scorer"])
         self.batch_index = int(st["batch_index"])
         self.n_samples = int(st["n_samples"])
         self.next_offsets = {}
@@ -173,6 +177,9 @@ class Components:
         self._class_prior: list[Any] | None = None
         self.scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
         self.base_scorer = build_scorer(self.scorer_name, **cfg.scorer.options)
+        gate_name = cfg.scorer.gate
+        self.base_gate_scorer = (build_scorer(gate_name, **cfg.scorer.gate_options)
+                                 if gate_name not in (None, "", "none", self.scorer_name) else None)
         self.base_novelty: Any | None = None
         if cfg.scorer.calibrate:
             if meta is None and (holdout is None or train is None):
@@ -228,6 +235,9 @@ class Components:
         self.base_scorer.fit(ft, lg, y)
         hl, hf, _ = self.adapter_features(holdout[0], seed=self.cfg.engine.seed + 1)
         self.base_scorer.calibrate(hf, hl)
+        if self.base_gate_scorer is not None:
+            self.base_gate_scorer.fit(ft, lg, y)
+            self.base_gate_scorer.calibrate(hf, hl)
         self.base_novelty = NovelClassDetector().fit(ft, y)
 
     def new_state(self, key: str) -> StreamState:
@@ -248,7 +258,8 @@ class Components:
             readapter = ReAdapter(self.meta_init, **self.cfg.monitor.readapt_options)
         burst = OODBurstRule(**mon_cfg.burst) if mon_cfg.enabled and mon_cfg.burst is not None else None
         novelty = copy.deepcopy(self.base_novelty) if mon_cfg.enabled and mon_cfg.novelty else None
-        return StreamState(key, adapter, scorer, monitor, policy, readapter, burst, novelty)
+        gate_scorer = copy.deepcopy(self.base_gate_scorer) if self.base_gate_scorer is not None else None
+        return StreamState(key, adapter, scorer, monitor, policy, readapter, burst, novelty, gate_scorer)
 
 
 def limit_helper_threads() -> None:
@@ -432,9 +443,13 @@ class Engine:
 
         def gate(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
             scores = st.scorer.score(features, logits)
-            flags = st.scorer.is_ood(scores)
+            flags = np.asarray(st.scorer.is_ood(scores), dtype=bool)
             scored["scores"], scored["flags"] = scores, flags
-            return torch.from_numpy(~np.asarray(flags, dtype=bool))
+            keep = ~flags
+            if st.gate_scorer is not None:  # a sample feeds adaptation only if neither scorer flags it
+                keep = keep & ~np.asarray(st.gate_scorer.is_ood(st.gate_scorer.score(features, logits)), dtype=bool)
+            scored["keep"] = keep
+            return torch.from_numpy(keep)
 
         ts = time.perf_counter()
         out: StepOutput = st.adapter.step(x, gate=gate)
@@ -442,8 +457,10 @@ class Engine:
             gate(out.logits, out.features)
         scores = np.asarray(scored["scores"], dtype=np.float64)
         flags = np.asarray(scored["flags"], dtype=bool)
-        accepted = torch.from_numpy(~flags)
+        accepted = torch.from_numpy(np.asarray(scored["keep"], dtype=bool))
         st.scorer.partial_fit(out.features, out.logits, accepted)
+        if st.gate_scorer is not None:
+            st.gate_scorer.partial_fit(out.features, out.logits, accepted)
         step_s = time.perf_counter() - ts
         self.step_time_s += step_s
 

@@ -118,7 +118,7 @@ def test_balance_shrink_takes_nearly_uniform_mixes_as_uniform():
     out = balance_shrunk_mix(mid)
     assert float(out.sum()) == pytest.approx(1.0) and 0.125 < float(out[0]) < 0.45
     net, _, _ = toy()
-    assert build_adapter("cb-stats", net, num_classes=3).balanced_tv is None  # off by default
+    assert build_adapter("cb-stats", net, num_classes=3).balanced_tv == 0.3
     ad = build_adapter("cb-stats(balanced_tv=0.1,imbalanced_tv=0.2)", net, num_classes=3)
     assert (ad.balanced_tv, ad.imbalanced_tv) == (0.1, 0.2)
     assert build_adapter("cb-stats(balanced_tv=0.2)", net, num_classes=3).imbalanced_tv == pytest.approx(0.5)

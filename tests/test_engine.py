@@ -112,3 +112,29 @@ def test_ood_samples_never_feed_adaptation(tmp_path, model_meta):
     flags, upd = log.ood_flags(), np.array([u for b in log.batches for u in b.updated])
     assert flags.any()
     assert not (flags & upd).any(), "an OOD-flagged sample fed the update"
+
+
+def test_gate_scorer_also_keeps_its_flags_out_of_adaptation(tmp_path, model_meta):
+    cfg = cfg_for(tmp_path, spec="tent", bs=32)
+    cfg.scorer.name, cfg.scorer.gate = "energy", "mahalanobis"
+    comps = Components(cfg, *model_meta)
+    rng = np.random.default_rng(1)
+    d = load_digits_32()
+    vals = [encode_tensor(d.x_test[i] if i % 3 else rng.random((1, 32, 32), dtype=np.float32), "cam")
+            for i in range(96)]
+    log = RunLog()
+    eng, _ = make_engine(cfg, MemorySource(vals, topic="t"), comps, runlog=log)
+    eng.run()
+    st = next(iter(eng.states.values()))
+    assert st.gate_scorer is not None and st.gate_scorer.name == "mahalanobis"
+    flags, upd = log.ood_flags(), np.array([u for b in log.batches for u in b.updated])
+    assert not (flags & upd).any()
+    # the gate scorer removed samples that the main scorer accepted
+    gated_out = sum(b.info["n_gated_out"] for b in log.batches)
+    assert gated_out > int(flags.sum())
+    # checkpointed with the rest of the stream state
+    saved = st.state_dict()
+    assert saved["gate_scorer"] is not None
+    fresh = comps.new_state("x")
+    fresh.load_state_dict(saved)
+    assert fresh.gate_scorer.state_dict().keys() == saved["gate_scorer"].keys()

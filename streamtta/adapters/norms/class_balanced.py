@@ -41,8 +41,8 @@ domain shift estimated from established slots, then class updates::
 **Class mix and new domains** (done by :class:`~streamtta.adapters.composite.CompositeAdapter`):
 a pre-pass normalised with the stored marginals (robust to the class mix: it does not look at
 the batch) gives probabilities ``p_b``; ``pi`` is their EM label-shift estimate (Saerens et al.,
-2002) (optionally shrunk to uniform when it is within estimation noise of uniform:
-:func:`~streamtta.adapters.composite.balance_shrunk_mix`). During the pre-pass each layer also tests whether its input moved further from the stored
+2002), shrunk to uniform when it is within estimation noise of uniform
+(:func:`~streamtta.adapters.composite.balance_shrunk_mix`). During the pre-pass each layer also tests whether its input moved further from the stored
 marginal than any class explains (mean standardised mean shift > ``shift_factor`` x max(largest
 class offset, ``offset_floor``) + 0.05, or the same for the log-variance). A layer that detects
 such a new domain uses the batch's own statistics in the pre-pass, and at commit *re-anchors*
