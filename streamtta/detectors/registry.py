@@ -33,6 +33,9 @@ SCORERS: dict[str, type[ThresholdedScorer]] = {
 #: class-balanced statistics move the features under the feature-space scorers, while energy keeps
 #: its calibrated scale. Command: ``streamtta bench simulations/digits-c-continual-openset.toml
 #: --methods default --scorers fusion,energy,msp,mahalanobis,knn,prototype --seeds 0``.
+#: Which samples may feed adaptation is decided with a second scorer as well (``scorer.gate``,
+#: default ``fusion``): gating with fusion kept adaptation on track where energy alone let harmful
+#: samples in (digits-c-long seed 1: 88.7% vs 85.3% accuracy).
 DEFAULT_SCORER = "energy"
 
 
