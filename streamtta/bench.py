@@ -74,7 +74,8 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
             variant_cfgs.append((label, _Config.model_validate(deep_merge(base, ov))))
         except ValidationError as e:
             raise ConfigError(_format_errors(e, f"bench variant {label!r}")) from None
-    console = Console()
+    # a pipe or a log file gets the whole table, not one cut to 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=220)
     results: list[dict[str, Any]] = []
     cost_rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
