@@ -89,17 +89,17 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
         if model_name not in models:
             models[model_name] = runner.load_source_model(lcfg)
         model, meta = models[model_name]
-        runs = [(f"{m} ({label})" if label else m, m, vcfg) for label, vcfg in variant_cfgs for m in methods]
+        scen_cfgs = []
+        for label, vcfg in variant_cfgs:
+            c = vcfg.model_copy(deep=True)
+            c.model.source = model_name
+            scen_cfgs.append((label, c))
+        runs = [(f"{m} ({label})" if label else m, m, vcfg) for label, vcfg in scen_cfgs for m in methods]
         if cost:
             from streamtta.costs import measure_costs
 
             x, _ = build_stream(scenario, seeds[0]).materialize(0, cost_samples)
-            cost_cfgs = []
-            for label, vcfg in variant_cfgs:
-                c = vcfg.model_copy(deep=True)
-                c.model.source = model_name
-                cost_cfgs.append((label, c))
-            for row in measure_costs(cost_cfgs, methods, model, meta, x, batch_size=cfg.engine.batch_size):
+            for row in measure_costs(scen_cfgs, methods, model, meta, x, batch_size=cfg.engine.batch_size):
                 cost_rows.append({"scenario": scenario.name, **row})
             continue
         for seed in seeds:
@@ -108,7 +108,6 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
             acc_by_method: dict[str, Any] = {}
             for name, method, vcfg in runs:
                 mc = vcfg.model_copy(deep=True)
-                mc.model.source = model_name
                 mc.adapter.spec = method
                 mc.engine.seed = seed
                 comps = Components(mc, model, meta)
@@ -131,9 +130,8 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
     agg = aggregate(results)
     cols = table_metrics or DEFAULT_TABLE_METRICS
     print_bench_table(agg, console=console, metrics=cols)
-    command = ["streamtta", *sys.argv[1:]] if sys.argv and "streamtta" in sys.argv[0] else sys.argv
     if json_out is not None:
-        write_bench_json(json_out, results, agg, command=command)
+        write_bench_json(json_out, results, agg, command=_command_line())
         console.print(f"results JSON -> {json_out}")
     if plot_out is not None:
         plot_bench(agg, plot_out)
@@ -143,6 +141,11 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
         console.print(f"markdown -> {markdown_out}")
     console.print(f"bench wall time {time.perf_counter() - t_start:.1f} s")
     return 0
+
+
+def _command_line() -> list[str]:
+    """The command as the user typed it (``streamtta ...`` when run through the entry point)."""
+    return ["streamtta", *sys.argv[1:]] if sys.argv and "streamtta" in sys.argv[0] else list(sys.argv)
 
 
 def _finish_cost(rows: list[dict[str, Any]], console: Any, json_out: Path | None, markdown_out: Path | None,
@@ -156,10 +159,9 @@ def _finish_cost(rows: list[dict[str, Any]], console: Any, json_out: Path | None
     from streamtta.reports import collect_versions, to_jsonable
 
     print_cost_table(rows, console=console)
-    command = ["streamtta", *sys.argv[1:]] if sys.argv and "streamtta" in sys.argv[0] else sys.argv
     if json_out is not None:
         doc = {"schema_version": 1, "kind": "cost", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-               "command": " ".join(command), "versions": collect_versions(), "torch_threads": torch.get_num_threads(),
+               "command": " ".join(_command_line()), "versions": collect_versions(), "torch_threads": torch.get_num_threads(),
                "rows": rows}
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(to_jsonable(doc), indent=2))

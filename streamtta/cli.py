@@ -226,8 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runlog = result.log
     if stream is not None:
         runlog.change_points = list(stream.change_points)
-        x_sample = _materialize_for_bench(stream, limit=4096)
-        if x_sample is not None:
+        x_sample = stream.materialize(0, 4096)[0]
+        if len(x_sample):
             bs = cfg.engine.batch_size
             result.stats["bare_forward_samples_per_s"] = round(runner.bare_model_throughput(model, x_sample, bs), 1)
             result.stats["bare_step_samples_per_s"] = round(_bare_step_throughput(components, x_sample, bs), 1)
@@ -239,17 +239,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         plot_run(runlog, run_dir / "run.png", title=f"streamtta run: {cfg.run.scenario}")
     _print_summary(summary, result.stats, run_dir)
     return 0
-
-
-def _materialize_for_bench(stream: Any, limit: int) -> Any:
-    import numpy as np
-
-    xs = []
-    for i, s in enumerate(stream.iter_samples()):
-        if i >= limit:
-            break
-        xs.append(s.x)
-    return np.stack(xs) if xs else None
 
 
 def _bare_step_throughput(components: Any, x: Any, batch_size: int) -> float:

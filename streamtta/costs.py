@@ -7,16 +7,17 @@ per batch, each the median over batches and repeats, in milliseconds:
   statistics) on the batch; the yardstick;
 * ``step_ms``: ``Adapter.step(x)``: the method's whole online step (its norm layers, forward passes,
   backward pass and optimizer step where it has them, filters, guards);
-* ``scoring_ms``: what the engine adds per batch for open-set work: ``scorer.score`` +
-  ``scorer.is_ood`` + ``scorer.partial_fit`` (prototype-memory update).
+* ``scoring_ms``: what the engine adds per batch for open-set work, with the engine's own code
+  (:meth:`~streamtta.engine.StreamState.score` + :meth:`~streamtta.engine.StreamState.learn_scores`):
+  the scorer and the adaptation gate scorer, flags and online (prototype-memory) updates.
 
 Ratios: ``step_ratio = step_ms / forward_ms`` and ``scoring_share = scoring_ms / step_ms`` (percent).
 For a norm-only spec (``bn``, ``unmix-tns``, ``rbn``) the step *is* a forward pass with that norm, so
 ``step_ratio - 1`` is the norm layer's overhead over plain BatchNorm.
 
 Measured in one process, one method after the other, batches in stream order, after
-``warmup`` untimed batches, the plain forward interleaved with the step on each batch; torch's thread count is printed with the table (set it with
-``--set model.threads=N``). Figures vary by machine; compare rows of one table.
+``warmup`` untimed batches, the plain forward interleaved with the step on each batch; torch's thread count is printed
+with the table (set it with ``--set model.threads=N``). Figures vary by machine; compare rows of one table.
 
 Example
 -------
@@ -89,9 +90,8 @@ def measure_costs(cfgs: Sequence[tuple[str, Config]], methods: Sequence[str], mo
             score_t = []
             for out in outs[warmup:]:
                 t0 = time.perf_counter()
-                scores = st.scorer.score(out.features, out.logits)
-                flags = np.asarray(st.scorer.is_ood(scores), dtype=bool)
-                st.scorer.partial_fit(out.features, out.logits, torch.from_numpy(~flags))
+                _, _, keep = st.score(out.features, out.logits)
+                st.learn_scores(out.features, out.logits, torch.from_numpy(keep))
                 score_t.append(time.perf_counter() - t0)
             fwd_ms = 1e3 * float(np.median(fwd_t[warmup:]))
             step_ms, score_ms = 1e3 * float(np.median(step_t)), 1e3 * float(np.median(score_t))

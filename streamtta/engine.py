@@ -111,6 +111,22 @@ class StreamState:
     n_samples: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
+    def score(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[Any, np.ndarray, np.ndarray]:
+        """``(scores, ood flags, keep)`` of a batch: the reporting scorer's scores and flags, and which
+        samples may feed adaptation (flagged by neither the scorer nor the gate scorer)."""
+        scores = self.scorer.score(features, logits)
+        flags = np.asarray(self.scorer.is_ood(scores), dtype=bool)
+        keep = ~flags
+        if self.gate_scorer is not None:
+            keep = keep & ~np.asarray(self.gate_scorer.is_ood(self.gate_scorer.score(features, logits)), dtype=bool)
+        return scores, flags, keep
+
+    def learn_scores(self, features: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> None:
+        """Online scorer updates (prototype memory, ...) from the samples that were kept."""
+        self.scorer.partial_fit(features, logits, keep)
+        if self.gate_scorer is not None:
+            self.gate_scorer.partial_fit(features, logits, keep)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "key": self.key,
@@ -181,33 +197,43 @@ class Components:
         self.base_gate_scorer = (build_scorer(gate_name, **cfg.scorer.gate_options)
                                  if gate_name not in (None, "", "none", self.scorer_name) else None)
         self.base_novelty: Any | None = None
+        if cfg.scorer.calibrate and meta is None and (holdout is None or train is None):
+            raise ValueError("scorer.calibrate needs a model with streamtta metadata (or disable it)")
+        self._train = train
         if cfg.scorer.calibrate:
-            if meta is None and (holdout is None or train is None):
-                raise ValueError("scorer.calibrate needs a model with streamtta metadata (or disable it)")
-            if train is None or holdout is None:
-                from streamtta.models.data import load_source_train, source_holdout
+            if holdout is None:
+                from streamtta.models.data import source_holdout
 
-                train = train if train is not None else load_source_train(meta)
-                holdout = holdout if holdout is not None else source_holdout(meta)
-            self._calibrate(train, holdout)
+                holdout = source_holdout(meta)
+            self._calibrate(self.source_train(), holdout)
         self.meta_init = None
         if cfg.monitor.readapt:
             from streamtta.detectors.meta import load_meta_init
 
             self.meta_init = load_meta_init(cfg.model.source or "digits-resnet")
 
+    def source_train(self) -> tuple[Any, Any]:
+        """The model's clean source training data (given to the constructor, else loaded once)."""
+        if self._train is None:
+            from streamtta.models.data import load_source_train
+
+            self._train = load_source_train(self.meta)
+        return self._train
+
+    def class_indices(self, labels: Any) -> torch.Tensor:
+        """Class labels -> output indices of the model (-1 for classes it does not know)."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return torch.as_tensor([index.get(int(v), -1) for v in np.asarray(labels)])
+
     def new_adapter(self) -> Any:
         """A fresh adapter; class-statistics norms (cb-stats) start from the source class prior."""
         torch.manual_seed(self.cfg.engine.seed)
         adapter = self._build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
         if self.cfg.adapter.class_prior and getattr(adapter, "_label_layers", None):
-            if self._class_prior is None and self.meta is not None:
-                from streamtta.models.data import load_source_train
-
-                x, y = load_source_train(self.meta)
-                index = {c: i for i, c in enumerate(self.classes)}
-                yi = torch.as_tensor([index.get(int(v), -1) for v in np.asarray(y)])
-                self._class_prior = adapter.fit_class_prior(torch.as_tensor(np.asarray(x), dtype=torch.float32), yi)
+            if self._class_prior is None and (self.meta is not None or self._train is not None):
+                x, y = self.source_train()
+                self._class_prior = adapter.fit_class_prior(torch.as_tensor(np.asarray(x), dtype=torch.float32),
+                                                            self.class_indices(y))
             elif self._class_prior is not None:
                 adapter.set_class_prior(self._class_prior)
         return adapter
@@ -229,9 +255,8 @@ class Components:
     def _calibrate(self, train: tuple[Any, Any], holdout: tuple[Any, Any]) -> None:
         from streamtta.detectors import NovelClassDetector
 
-        index = {c: i for i, c in enumerate(self.classes)}
         lg, ft, order = self.adapter_features(train[0], seed=self.cfg.engine.seed)
-        y = torch.as_tensor([index.get(int(v), -1) for v in np.asarray(train[1])[order]])
+        y = self.class_indices(np.asarray(train[1])[order])
         self.base_scorer.fit(ft, lg, y)
         hl, hf, _ = self.adapter_features(holdout[0], seed=self.cfg.engine.seed + 1)
         self.base_scorer.calibrate(hf, hl)
@@ -442,25 +467,17 @@ class Engine:
         scored: dict[str, Any] = {}
 
         def gate(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-            scores = st.scorer.score(features, logits)
-            flags = np.asarray(st.scorer.is_ood(scores), dtype=bool)
-            scored["scores"], scored["flags"] = scores, flags
-            keep = ~flags
-            if st.gate_scorer is not None:  # a sample feeds adaptation only if neither scorer flags it
-                keep = keep & ~np.asarray(st.gate_scorer.is_ood(st.gate_scorer.score(features, logits)), dtype=bool)
-            scored["keep"] = keep
-            return torch.from_numpy(keep)
+            scored["scores"], scored["flags"], scored["keep"] = st.score(features, logits)
+            return torch.from_numpy(scored["keep"])
 
         ts = time.perf_counter()
         out: StepOutput = st.adapter.step(x, gate=gate)
         if "scores" not in scored:  # gradient-free adapters need no gate; score afterwards
             gate(out.logits, out.features)
         scores = np.asarray(scored["scores"], dtype=np.float64)
-        flags = np.asarray(scored["flags"], dtype=bool)
-        accepted = torch.from_numpy(np.asarray(scored["keep"], dtype=bool))
-        st.scorer.partial_fit(out.features, out.logits, accepted)
-        if st.gate_scorer is not None:
-            st.gate_scorer.partial_fit(out.features, out.logits, accepted)
+        flags = scored["flags"]
+        accepted = torch.from_numpy(scored["keep"])
+        st.learn_scores(out.features, out.logits, accepted)
         step_s = time.perf_counter() - ts
         self.step_time_s += step_s
 
