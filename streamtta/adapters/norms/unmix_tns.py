@@ -24,8 +24,8 @@ and afterwards (with the *old* components used for the output) the online un-mix
 
 Differences from the official code, all documented choices: ``lambda`` uses the actual batch size
 of each call (the official code fixes it from the configured batch size: identical when they are
-equal); the mixture is evaluated in a closed form (centred on the component mean, no ``(B, K, C)``
-tensor), equal to the formula above up to float rounding; under ``stats_mode="deferred"`` the
+equal); the mixture is evaluated centred on the component average (equal to the formula above up
+to float rounding); under ``stats_mode="deferred"`` the
 update waits for :meth:`commit` and can skip gated samples (``lambda`` then uses the number of
 kept samples). Layers that replace a ``BatchNorm1d`` normalise with the frozen source statistics
 (as published) unless ``adapt_bn1d=True``, and ``(B, C)`` inputs always do (no instance statistics).
@@ -108,38 +108,28 @@ class UnMixTNS(AdaptiveNorm):
     def assignments(self, mean_i: torch.Tensor) -> torch.Tensor:
         """``p_bk = softmax_k(cos(m_b, mu_k) / tau)``, shape ``(B, K)`` (no gradient)."""
         with torch.no_grad():
-            sim = F.normalize(mean_i, dim=1) @ self._component_terms()[5]
-            return torch.softmax(sim / self.tau, dim=1)
-
-    def _component_terms(self) -> tuple[torch.Tensor, ...]:
-        """Quantities of the components that the mixture needs; cached until the components change."""
-        M, V = self.component_means, self.component_vars
-        key = (M._version, V._version, M.data_ptr(), V.data_ptr())
-        if getattr(self, "_terms_key", None) != key:
-            mbar = M.mean(dim=0)
-            Mc = M - mbar
-            Mc2 = Mc * Mc
-            self._terms = (mbar, torch.cat([Mc, Mc2, V], dim=1), torch.cat([Mc, Mc2], dim=1),
-                           Mc2.sum(dim=0), V.mean(dim=0), F.normalize(M, dim=1).t().contiguous())
-            self._terms_key = key
-        return self._terms
+            sim = F.normalize(mean_i, dim=1) @ F.normalize(self.component_means, dim=1).t()
+            return torch.softmax(sim.div_(self.tau), dim=1)
 
     def mixture_stats(
         self, mean_i: torch.Tensor, var_i: torch.Tensor, p: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-instance normalisation ``(mean_b, var_b)``, each ``(B, C)``, in closed form."""
-        K = self.K
-        mbar, cat3, cat2, sum_mc2, vbar, _ = self._component_terms()
-        u = mean_i - mbar
-        pM, pM2, pV = (p @ cat3).split(self.num_features, dim=1)  # (B, C) each
-        p2 = p * p
-        p2M, p2M2 = (p2 @ cat2).split(self.num_features, dim=1)
-        sp2 = p2.sum(dim=1, keepdim=True)
-        mu_c = (u - pM) / K  # (own mean - p-weighted component mean) / K
-        e_sq = (sum_mc2 + 2 * u * pM - 2 * pM2 + sp2 * u * u - 2 * u * p2M + p2M2) / K
-        var_mix = (e_sq - mu_c * mu_c).clamp_min(0.0)
-        mean = mbar + mu_c
-        var = vbar + (var_i - pV) / K + var_mix
+        """Per-instance normalisation ``(mean_b, var_b)``, each ``(B, C)``.
+
+        The mixed component means are formed as one ``(B, K, C)`` tensor centred on the component
+        average (about ten tensor operations per layer; the per-layer cost on small models is the
+        number of operations, not their size).
+        """
+        M, V = self.component_means, self.component_vars
+        mbar = M.mean(dim=0)
+        Mc = M - mbar
+        # mu^_bk - mbar = Mc_k + p_bk (m_b - mbar - Mc_k)
+        d = torch.addcmul(Mc, p.unsqueeze(2), (mean_i - mbar).unsqueeze(1) - Mc)
+        mean_d = d.mean(dim=1)
+        var_mix = ((d * d).mean(dim=1) - mean_d * mean_d).clamp_min(0.0)
+        # mean_k var^_bk = mean_k V_k + (v_b - sum_k p_bk V_k) / K   (the p_bk sum to one)
+        var = (var_i - p @ V) / self.K + V.mean(dim=0) + var_mix
+        mean = mbar + mean_d
         if self.instance_weight > 0.0:
             w = self.instance_weight
             # move the mean a further fraction w of the way to the instance mean; keep the
@@ -168,11 +158,12 @@ class UnMixTNS(AdaptiveNorm):
             mean_i, var_i, p = mean_i[mask], var_i[mask], p[mask]
         n = mean_i.shape[0]
         lam = 1.0 - (1.0 - self.momentum) ** (n / self.bs_max)
-        w = p.sum(dim=0).unsqueeze(1)  # (K, 1)
-        step_m = p.t() @ mean_i - w * self.component_means
-        step_v = p.t() @ var_i - w * self.component_vars
-        self.component_means.add_(step_m, alpha=lam / n)
-        self.component_vars.add_(step_v, alpha=lam / n)
+        a = lam / n
+        # mu_k <- mu_k + a sum_b p_bk (m_b - mu_k) = (1 - a sum_b p_bk) mu_k + a sum_b p_bk m_b
+        keep = p.sum(dim=0).unsqueeze(1).mul_(-a).add_(1.0)  # (K, 1)
+        pt = p.t()
+        self.component_means.mul_(keep).addmm_(pt, mean_i, alpha=a)
+        self.component_vars.mul_(keep).addmm_(pt, var_i, alpha=a)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", K={self.K}, bs_max={self.bs_max}, tau={self.tau}"
