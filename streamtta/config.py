@@ -84,7 +84,7 @@ class AdapterConfig(Section):
 
 class ScorerConfig(Section):
     name: str = Field("default", description="OOD scorer: 'default' = streamtta.detectors.DEFAULT_SCORER, "
-                                             "(energy) or msp, fusion, prototype, knn, mahalanobis.")
+                                             "(contrast) or energy, msp, fusion, prototype, knn, mahalanobis.")
     calibrate: bool = Field(True, description="Calibrate the 95%-TPR threshold on the source hold-out.")
     options: dict[str, Any] = Field(default_factory=dict, description="Scorer options (e.g. per_class, k).")
     gate: str | None = Field("fusion", description="A second scorer whose OOD flags also keep samples out of "

@@ -114,8 +114,12 @@ class StreamState:
     def score(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[Any, np.ndarray, np.ndarray]:
         """``(scores, ood flags, keep)`` of a batch: the reporting scorer's scores and flags, and which
         samples may feed adaptation (flagged by neither the scorer nor the gate scorer)."""
-        scores = self.scorer.score(features, logits)
-        flags = np.asarray(self.scorer.is_ood(scores), dtype=bool)
+        if hasattr(self.scorer, "score_and_flag"):  # feeds an adaptive (Otsu) threshold first
+            scores, flags = self.scorer.score_and_flag(features, logits)
+        else:
+            scores = self.scorer.score(features, logits)
+            flags = self.scorer.is_ood(scores)
+        flags = np.asarray(flags, dtype=bool)
         keep = ~flags
         if self.gate_scorer is not None:
             keep = keep & ~np.asarray(self.gate_scorer.is_ood(self.gate_scorer.score(features, logits)), dtype=bool)
@@ -191,6 +195,7 @@ class Components:
         self.spec = DEFAULT_SPEC if cfg.adapter.spec == "default" else cfg.adapter.spec
         self._build_adapter = build_adapter
         self._class_prior: list[Any] | None = None
+        self._guard_reference: tuple[float | None] | None = None
         self.scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
         self.base_scorer = build_scorer(self.scorer_name, **cfg.scorer.options)
         gate_name = cfg.scorer.gate
@@ -226,7 +231,8 @@ class Components:
         return torch.as_tensor([index.get(int(v), -1) for v in np.asarray(labels)])
 
     def new_adapter(self) -> Any:
-        """A fresh adapter; class-statistics norms (cb-stats) start from the source class prior."""
+        """A fresh adapter; class-statistics norms (cb-stats) start from the source class prior and
+        guards that compare samples with the source (source-fallback) get their reference."""
         torch.manual_seed(self.cfg.engine.seed)
         adapter = self._build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
         if self.cfg.adapter.class_prior and getattr(adapter, "_label_layers", None):
@@ -236,6 +242,13 @@ class Components:
                                                             self.class_indices(y))
             elif self._class_prior is not None:
                 adapter.set_class_prior(self._class_prior)
+        if hasattr(adapter, "calibrate_guards") and (self.meta is not None or self._train is not None):
+            # source-fallback's mixed-batch rule compares samples with clean source inputs
+            if self._guard_reference is None:
+                x, _ = self.source_train()
+                self._guard_reference = (adapter.calibrate_guards(torch.as_tensor(np.asarray(x), dtype=torch.float32)),)
+            else:
+                adapter.set_guard_reference(self._guard_reference[0])
         return adapter
 
     @torch.no_grad()

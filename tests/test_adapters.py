@@ -419,6 +419,52 @@ def test_source_fallback_returns_source_logits_only_when_models_agree(net):
     assert torch.equal(strict.features, plain.features)  # features always come from the adapted model
 
 
+def test_source_fallback_mixed_batch_gives_source_like_samples_the_source_prediction(net):
+    from streamtta.adapters.guards import SourceFallback
+
+    torch.manual_seed(0)
+    ad = build_adapter("bn+source-fallback(agreement=1.0)", net, NUM_CLASSES)
+    guard = next(g for g in ad.guards if isinstance(g, SourceFallback))
+    assert not guard.needs_distance  # no reference yet: the mixed-batch rule is off
+    ref = ad.calibrate_guards(torch.rand(300, 1, 8, 8))  # the source domain of `net`
+    assert ref is not None and ref > 0 and guard.reference == ref
+    x = torch.cat([torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8) * 0.05 + 8.0])  # half source-like, half far
+    _, dist = ad._source_forward_with_distance(x)
+    near = dist <= ref
+    assert int(near[:8].sum()) >= 6 and not bool(near[8:].any()) and bool((dist[8:] > 5 * ref).all())
+    with torch.no_grad():
+        src = net(x)
+    plain = build_adapter("bn", net, NUM_CLASSES).step(x)
+    out = ad.step(x)
+    assert out.info["source-fallback"] is False  # the batch rule did not fire: the models disagree
+    assert out.info["source-fallback_near"] == int(near.sum())
+    assert torch.allclose(out.logits[near], src[near], atol=1e-5)
+    assert torch.equal(out.logits[~near], plain.logits[~near])
+    # a batch without far samples is left alone; the reference survives reset() and state round trips
+    clean = ad.step(torch.rand(16, 1, 8, 8))
+    assert clean.info["source-fallback_near"] == 0
+    ad.reset()
+    assert guard.reference == ref
+    other = build_adapter("bn+source-fallback(agreement=1.0)", net, NUM_CLASSES)
+    other.load_state_dict(ad.state_dict())
+    assert next(g for g in other.guards if isinstance(g, SourceFallback)).reference == ref
+    off = build_adapter("bn+source-fallback(agreement=1.0,mixed=false)", net, NUM_CLASSES)
+    assert off.calibrate_guards(torch.rand(50, 1, 8, 8)) is None
+
+
+def test_source_distance_is_small_for_matching_statistics():
+    from streamtta.adapters.guards.source_fallback import source_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((32, 3, 16, 16), generator=g) * 2.0 + 1.0
+    mean, var = torch.full((3,), 1.0), torch.full((3,), 4.0)
+    d_same = source_distance(x, mean, var)
+    d_low_contrast = source_distance(x * 0.2, mean, var)
+    assert d_same.shape == (32,) and float(d_same.max()) < 0.05 < float(d_low_contrast.min())
+    flat = source_distance(torch.zeros(4, 3), mean, var)  # (B, C): half the mean squared z-score
+    assert torch.allclose(flat, torch.full((4,), 0.125))
+
+
 def test_model_without_linear_reports_logits_as_features():
     torch.manual_seed(0)
     conv_net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()

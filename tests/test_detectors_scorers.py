@@ -171,3 +171,70 @@ def test_fusion_online_standardisation_tracks_feature_component_only():
     assert (~s.is_ood(s.score(shifted, li))).mean() > (~static.is_ood(static.score(shifted, li))).mean()
     with pytest.raises(ValueError, match="not components"):
         build_scorer("fusion", online=("knn",))
+
+
+def test_contrast_learns_the_streams_unknowns():
+    """Unknowns that look no farther from the source than hard ID samples: the memory of the stream's
+    own unknowns is what separates them, and only after batches were seen."""
+    from streamtta.detectors import ContrastScorer
+
+    f, lo, y = id_data(600, 0)
+    s = ContrastScorer(k=5, k_unknown=3, min_batch=16).fit(f, lo, y)
+    fi, li, _ = id_data(200, 1)
+    fo, lo_ = ood_data(200, 2)
+    truth = np.r_[np.zeros(200), np.ones(200)]
+    before = roc_auc_score(truth, np.r_[s.score(fi, li), s.score(fo, lo_)])
+    assert len(s.unknown) == 0 and s.threshold == s.calibrated_threshold  # hold-out threshold until then
+    rng = np.random.default_rng(3)
+    for b in range(6):  # stream batches: 48 ID + 16 unknown
+        bi, bli, _ = id_data(48, 10 + b)
+        bo, blo = ood_data(16, 20 + b)
+        x, lg = np.r_[bi, bo], torch.cat([bli, blo])
+        perm = rng.permutation(64)
+        x, lg = x[perm], lg[perm]
+        s.partial_fit(x, lg, torch.ones(64, dtype=torch.bool))
+    assert len(s.unknown) > 0 and len(s.known) > 0
+    # the unknown memory holds (mostly) unknown samples: they sit on dims 12..15
+    assert (s.unknown.vecs[:, 12:].mean(1) > s.unknown.vecs[:, :12].mean(1)).mean() > 0.9
+    after = roc_auc_score(truth, np.r_[s.score(fi, li), s.score(fo, lo_)])
+    assert after >= before and after > 0.99
+    # flags: closer to the unknowns than to anything known (margin 0)
+    assert s.threshold == 0.0
+    assert s.is_ood(s.score(fo, lo_)).mean() > 0.9 and s.is_ood(s.score(fi, li)).mean() < 0.1
+
+
+def test_contrast_small_batches_rank_against_recent_samples():
+    from streamtta.detectors import ContrastScorer
+
+    f, lo, y = id_data(400, 0)
+    s = ContrastScorer(min_batch=16, queue_size=64).fit(f, lo, y)
+    fi, li, _ = id_data(8, 1)
+    s.partial_fit(fi, li)  # 8 samples < min_batch and nothing queued: nothing admitted yet
+    assert len(s.unknown) == 0 and len(s.known) == 0 and len(s.queue) == 8
+    fi, li, _ = id_data(8, 2)
+    s.partial_fit(fi, li)  # 16 queued samples: the tails of the queue are admitted from now on
+    n0 = len(s.unknown)
+    for b in range(4):
+        fo, lo_ = ood_data(1, 30 + b)
+        s.partial_fit(fo, lo_)  # batches of one: ranked among the queued ID samples, at the top
+    assert len(s.unknown) == n0 + 4
+    assert (s.unknown.vecs[-4:, 12:].mean(1) > s.unknown.vecs[-4:, :12].mean(1)).all()
+    with pytest.raises(ValueError, match="unknown_quantile"):
+        ContrastScorer(unknown_quantile=1.5)
+    with pytest.raises(ValueError, match="at least k"):
+        ContrastScorer(k=10, known_size=5)
+
+
+def test_engine_feeds_the_adaptive_threshold():
+    """StreamState.score goes through score_and_flag, so an Otsu threshold moves with the stream."""
+    from streamtta.engine import StreamState
+
+    f, lo, y = id_data(600, 0)
+    s = build_scorer("prototype", threshold_mode="otsu", otsu_min_fill=32).fit(f, lo, y)
+    calibrated = s.threshold
+    st = StreamState(key="k", adapter=None, scorer=s, monitor=None, policy=None)
+    fi, li, _ = id_data(200, 1)
+    fo, lo_ = ood_data(200, 2)
+    _, flags, keep = st.score(torch.from_numpy(np.r_[fi, fo]), torch.cat([li, lo_]))
+    assert s.threshold != calibrated and len(s.otsu.queue) == 400
+    assert flags[200:].mean() > 0.9 and np.array_equal(keep, ~flags)

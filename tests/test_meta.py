@@ -163,6 +163,32 @@ def test_readapter_readapts_and_recalibrates():
         assert torch.equal(v, buffers[k])
 
 
+def test_readapter_decay_returns_to_the_pre_shift_parameters():
+    net = tiny_net()
+    x, _ = toy_data(96)
+    adapter = FakeAdapter(net)
+    init = {n: p.detach().clone() for n, p in net.named_parameters() if n.startswith("1.")}
+    with torch.no_grad():
+        net[1].weight.mul_(0.2)
+    before = net[1].weight.detach().clone()
+    ra = ReAdapter(init, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2,
+                   decay_batches=4)
+    for b in range(6):
+        ra.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
+    res = ra.on_shift(adapter)
+    assert res["action"] == "readapted" and res["decay_batches"] == 4
+    readapted = net[1].weight.detach().clone()
+    gap = (readapted - before).abs().max()
+    assert gap > 0
+    ra.observe(x[:16], batch_index=6)  # one of four batches done: 3/4 of the change is left
+    assert torch.allclose(net[1].weight, before + 0.75 * (readapted - before), atol=1e-6)
+    for b in range(7, 10):
+        ra.observe(x[:16], batch_index=b)
+    assert torch.allclose(net[1].weight, before, atol=1e-6) and ra._decay is None
+    with pytest.raises(ValueError, match="decay_batches"):
+        ReAdapter(init, decay_batches=-1)
+
+
 def test_readapter_buffer_is_bounded_and_stateful():
     ra = ReAdapter({}, buffer_size=40)
     for b in range(10):

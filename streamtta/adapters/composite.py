@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from streamtta.adapters.base import Adapter, Gate
-from streamtta.adapters.common import FeatureHook, last_linear_name, norm_affine_parameters
+from streamtta.adapters.common import FeatureHook, iter_norm_modules, last_linear_name, norm_affine_parameters
 from streamtta.adapters.context import StepContext
 from streamtta.adapters.filters.base import Filter
 from streamtta.adapters.guards.base import Guard
+from streamtta.adapters.guards.source_fallback import source_distance
 from streamtta.adapters.norms.base import instance_stats
 from streamtta.adapters.norms import (
     NORM_CLASSES,
@@ -264,6 +265,67 @@ class CompositeAdapter(Adapter):
             self._hook.pop()
         return out
 
+    def _first_norm(self) -> nn.Module | None:
+        """The first normalisation layer that has source statistics (BatchNorm or a streamtta norm)."""
+        for _, m in iter_norm_modules(self.model):
+            if getattr(m, "source_mean", None) is not None or getattr(m, "running_mean", None) is not None:
+                return m
+        return None
+
+    def _source_forward_with_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_exact_source_forward` plus each sample's :func:`source_distance` at the first norm layer."""
+        layer = self._first_norm()
+        if layer is None:
+            return self._exact_source_forward(x), None
+        seen: list[torch.Tensor] = []
+
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+            mean = getattr(mod, "source_mean", None)
+            mean, var = (mod.running_mean, mod.running_var) if mean is None else (mean, mod.source_var)
+            seen.append(source_distance(inp[0].detach(), mean, var, mod.eps))
+
+        handle = layer.register_forward_pre_hook(hook)
+        try:
+            out = self._exact_source_forward(x)
+        finally:
+            handle.remove()
+        return out, (seen[0] if seen else None)
+
+    @torch.no_grad()
+    def calibrate_guards(self, x: torch.Tensor, batch_size: int = 256) -> float | None:
+        """Give guards that compare samples with the source (source-fallback's mixed-batch rule)
+        their reference from clean source inputs ``x``; it becomes part of the initial state.
+        Returns the reference (None when no guard takes one).
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from streamtta.adapters import build_adapter
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> ad = build_adapter("bn+source-fallback", net, num_classes=2)
+        >>> ad.calibrate_guards(torch.rand(50, 1, 6, 6)) > 0
+        True
+        """
+        guards = [g for g in self.guards if hasattr(g, "calibrate") and getattr(g, "mixed", False)]
+        if not guards or self._first_norm() is None:
+            return None
+        dists = []
+        for i in range(0, len(x), batch_size):
+            _, d = self._source_forward_with_distance(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32))
+            dists.append(d)
+        d = torch.cat(dists)
+        for g in guards:
+            g.calibrate(d)
+        self._initial_state = self.state_dict()
+        return guards[0].reference
+
+    def set_guard_reference(self, reference: float | None) -> None:
+        """Set the reference of :meth:`calibrate_guards` without the data pass (same model)."""
+        for g in self.guards:
+            if hasattr(g, "calibrate") and getattr(g, "mixed", False):
+                g.reference = None if reference is None else float(reference)
+        self._initial_state = self.state_dict()
+
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, features)`` of the current model; statistics are read, not updated."""
@@ -352,7 +414,12 @@ class CompositeAdapter(Adapter):
         out_logits = logits.detach()
         for g in self.guards:
             if getattr(g, "needs_source_model", False):
-                out_logits, used = g.choose(out_logits, self._exact_source_forward(x))
+                if getattr(g, "needs_distance", False):
+                    src_logits, dist = self._source_forward_with_distance(x)
+                    out_logits, used = g.choose(out_logits, src_logits, distance=dist)
+                    info[f"{g.name}_near"] = g.last_n_near
+                else:
+                    out_logits, used = g.choose(out_logits, self._exact_source_forward(x))
                 info[g.name] = used
         if fired is not None:
             self.reset()

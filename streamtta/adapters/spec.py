@@ -130,7 +130,11 @@ TERMS: dict[str, TermInfo] = {
         ),
         TermInfo("periodic", "guard", {"every": int}, {"reset_every": "every"}),
         TermInfo("ema-source", "guard", {"momentum": float}, {"ema_momentum": "momentum"}, needs_objective=True),
-        TermInfo("source-fallback", "guard", {"agreement": float}, {"fallback_agreement": "agreement"}),
+        TermInfo(
+            "source-fallback", "guard",
+            {"agreement": float, "mixed": bool, "near": float, "far": float, "far_fraction": float, "quantile": float},
+            {"fallback_agreement": "agreement", "fallback_mixed": "mixed"},
+        ),
     ]
 }
 

@@ -21,6 +21,7 @@ from streamtta.detectors.events import (
 )
 from streamtta.detectors.index import FlatIPIndex
 from streamtta.detectors.novelty import NovelClassDetector
+from streamtta.detectors.ood_contrast import ContrastScorer
 from streamtta.detectors.ood_energy import EnergyScorer
 from streamtta.detectors.ood_fusion import FusionScorer
 from streamtta.detectors.ood_knn import KNNScorer
@@ -41,7 +42,8 @@ __all__ = [
     "ShiftEvent", "OODBurstEvent", "NovelClusterEvent", "GuardResetEvent", "DeadLetterEvent",
     "FlatIPIndex", "PrototypeMemory", "StrongOODPool", "NovelClassDetector",
     "ThresholdedScorer", "ScoringGate",
-    "PrototypeScorer", "KNNScorer", "EnergyScorer", "MSPScorer", "MahalanobisScorer", "FusionScorer",
+    "PrototypeScorer", "KNNScorer", "ContrastScorer",
+    "EnergyScorer", "MSPScorer", "MahalanobisScorer", "FusionScorer",
     "SCORERS", "DEFAULT_SCORER", "build_scorer",
     "OtsuThreshold", "otsu_threshold", "tpr_threshold",
     "ShiftMonitor", "OODBurstRule", "batch_signals",

@@ -454,6 +454,13 @@ class ReAdapter:
         Fewer post-shift samples than this: use the most recent ``min_samples`` of the buffer.
     diversity_weight
         Weight of the prediction-diversity term (``-H(mean p)``) that guards against collapse.
+    decay_batches
+        After a kept re-adaptation, move the adaptable parameters back to their pre-shift values
+        linearly over this many observed batches (0: keep them, the published behaviour). A
+        statistics adapter (the default ``cb-stats``) catches up with a new domain within a batch or
+        two; the re-adapted parameters bridge that gap and then hand back to the parameters the
+        statistics adapter runs with. A decay in progress is not part of :meth:`state_dict`: after a
+        restart from a checkpoint the parameters keep the values they had when it was written.
     entropy_tolerance, hist_tolerance
         Roll back when the histogram entropy fell by more than ``hist_tolerance`` (collapse), or
         when the mean entropy rose by more than ``entropy_tolerance`` (nats) without the histogram
@@ -464,7 +471,9 @@ class ReAdapter:
     def __init__(self, meta_init: Mapping[str, torch.Tensor], steps: int = 10, lr: float = 5e-3,
                  buffer_size: int = 512, batch_size: int = 64, recent_batches: int = 3, min_samples: int = 32,
                  diversity_weight: float = 1.0, entropy_tolerance: float = 0.0, hist_tolerance: float = 0.05,
-                 seed: int = 0) -> None:
+                 decay_batches: int = 0, seed: int = 0) -> None:
+        if decay_batches < 0:
+            raise ValueError(f"decay_batches must be >= 0, got {decay_batches}")
         if steps < 0 or lr <= 0 or buffer_size < 1 or batch_size < 1:
             raise ValueError(f"need steps >= 0, lr > 0, buffer_size >= 1, batch_size >= 1; got {steps}, {lr}, "
                              f"{buffer_size}, {batch_size}")
@@ -479,6 +488,9 @@ class ReAdapter:
         self.entropy_tolerance = float(entropy_tolerance)
         self.hist_tolerance = float(hist_tolerance)
         self.seed = int(seed)
+        self.decay_batches = int(decay_batches)
+        #: ``(parameters, pre-shift values, re-adapted values, batches done)`` while decaying
+        self._decay: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int] | None = None
         self.buffer: deque[tuple[int, torch.Tensor]] = deque()
         self.n_observed_batches = 0
         self.history: list[dict[str, Any]] = []
@@ -487,9 +499,10 @@ class ReAdapter:
         return sum(len(x) for _, x in self.buffer)
 
     def observe(self, x_accepted: torch.Tensor, batch_index: int | None = None) -> None:
-        """Add one batch of ID-accepted inputs (bounded FIFO buffer)."""
+        """Add one batch of ID-accepted inputs (bounded FIFO buffer); advances a running decay."""
         b = self.n_observed_batches if batch_index is None else int(batch_index)
         self.n_observed_batches += 1
+        self._decay_step()
         x = torch.as_tensor(x_accepted).detach().cpu()
         if x.dim() == 0 or len(x) == 0:
             return
@@ -500,6 +513,17 @@ class ReAdapter:
         if over > 0:
             b0, x0 = self.buffer[0]
             self.buffer[0] = (b0, x0[over:])
+
+    @torch.no_grad()
+    def _decay_step(self) -> None:
+        if self._decay is None:
+            return
+        params, start, readapted, done = self._decay
+        done += 1
+        w = max(0.0, 1.0 - done / self.decay_batches)  # share of the re-adaptation still applied
+        for p, a, r in zip(params, start, readapted):
+            p.copy_(a + w * (r - a))
+        self._decay = None if w == 0.0 else (params, start, readapted, done)
 
     def _select(self, since_batch: int | None) -> torch.Tensor:
         if not self.buffer:
@@ -538,6 +562,11 @@ class ReAdapter:
             return result
         model: nn.Module = adapter.model
         params = list(adapter.parameters_to_adapt())
+        if self._decay is not None:  # a new shift while the last re-adaptation decays: finish it
+            with torch.no_grad():
+                for p, a in zip(self._decay[0], self._decay[1]):
+                    p.copy_(a)
+            self._decay = None
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         snapshot = [p.detach().clone() for p in params]
         logits_before, _ = self._forward_logits(adapter, x, self.batch_size)
@@ -594,6 +623,9 @@ class ReAdapter:
             result["action"] = "rolled_back"
         else:
             result["action"] = "readapted"
+            if self.decay_batches > 0:
+                self._decay = (params, snapshot, [p.detach().clone() for p in params], 0)
+                result["decay_batches"] = self.decay_batches
             if scorer is not None and hasattr(scorer, "recalibrate") and feats_after is not None:
                 try:
                     scorer.recalibrate(feats_after, logits_after)

@@ -1,11 +1,23 @@
-"""Do-no-harm output guard: fall back to the non-adapting source model on batches it handles alike.
+"""Do-no-harm output guard: fall back to the non-adapting source model where it is the better bet.
 
 Adapting normalisation statistics costs a little accuracy on domains that are (almost) the
-source domain: there the source statistics are simply the best ones. When the adapted model and
-the frozen source model (source statistics and source affine parameters) predict the same class
-for at least ``agreement`` of the batch, the domain is taken as benign and the step returns the
-source model's logits; otherwise the adapted logits. Adaptation itself (statistics, parameters)
-is unaffected, as are the features. Costs one extra forward pass without gradients.
+source domain: there the source statistics are simply the best ones. Two rules, both on outputs only
+(adaptation itself -- statistics, parameters, features -- is unaffected):
+
+* **batch**: when the adapted model and the frozen source model (source statistics and source
+  affine parameters) predict the same class for at least ``agreement`` of the batch, the domain is
+  taken as benign and the step returns the source model's logits;
+* **mixed batch** (``mixed=True``): a batch that mixes source-like samples with samples far from
+  the source (a gradual transition between domains) is normalised with statistics that belong to
+  its far part. Each sample's distance to the source is the KL divergence between its instance
+  statistics at the first normalisation layer and that layer's source statistics (mean over
+  channels). When at least ``far_fraction`` of the batch is beyond ``far`` x the reference
+  distance, the samples within ``near`` x the reference get the source model's logits. The
+  reference is the 99th percentile of the distances of clean source samples
+  (:meth:`calibrate`; the engine calls it through ``CompositeAdapter.calibrate_guards``); without
+  it the rule is off.
+
+Costs one extra forward pass without gradients.
 
 >>> import torch
 >>> g = SourceFallback(agreement=0.75)
@@ -13,6 +25,12 @@ is unaffected, as are the features. Costs one extra forward pass without gradien
 >>> ada = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])   # 3 of 4 agree
 >>> out, used = g.choose(ada, src); used, torch.equal(out, src)
 (True, True)
+>>> g = SourceFallback(agreement=1.0, far_fraction=0.25)
+>>> g.calibrate(torch.tensor([0.01, 0.02, 0.05]))            # distances of clean source samples
+>>> ada = torch.tensor([[0.0, 1.0]] * 4)
+>>> out, used = g.choose(ada, src, distance=torch.tensor([0.01, 3.0, 3.0, 0.02]))
+>>> used, out.argmax(1).tolist(), g.last_n_near                # samples 0 and 3 are source-like
+(False, [0, 1, 1, 0], 2)
 """
 from __future__ import annotations
 
@@ -22,24 +40,80 @@ from streamtta.adapters.context import StepContext
 from streamtta.adapters.guards.base import Guard
 
 
+def source_distance(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-sample distance of a norm layer's input ``x`` to its source statistics ``(mean, var)``.
+
+    ``(B, C, *spatial)``: mean over channels of ``KL(N(m_bc, v_bc) || N(mean_c, var_c))`` with the
+    instance statistics ``m, v`` over the spatial dims; ``(B, C)``: half the mean squared z-score.
+    """
+    var = var.clamp_min(0) + eps
+    if x.dim() == 2:
+        return 0.5 * ((x - mean) ** 2 / var).mean(dim=1)
+    f = x.flatten(2)
+    m = f.mean(dim=2)
+    v = (f * f).mean(dim=2) - m * m
+    r = (v.clamp_min(0) + eps) / var
+    return (0.5 * (r + (m - mean) ** 2 / var - 1.0 - torch.log(r))).mean(dim=1)
+
+
 class SourceFallback(Guard):
-    """Return the source model's logits when it agrees with the adapted model on >= ``agreement``."""
+    """Source model's logits for benign batches, and for the source-like samples of mixed batches."""
 
     name = "source-fallback"
     #: the adapter computes the exact source model's logits for :meth:`choose`.
     needs_source_model = True
 
-    def __init__(self, agreement: float = 0.95) -> None:
+    def __init__(self, agreement: float = 0.95, mixed: bool = True, near: float = 1.0, far: float = 5.0,
+                 far_fraction: float = 0.1, quantile: float = 0.99) -> None:
         if not 0.0 < agreement <= 1.0:
             raise ValueError(f"source-fallback agreement must be in (0, 1], got {agreement}")
+        if not 0.0 < near <= far:
+            raise ValueError(f"source-fallback needs 0 < near <= far, got near={near}, far={far}")
+        if not 0.0 < far_fraction <= 1.0 or not 0.0 < quantile <= 1.0:
+            raise ValueError(f"far_fraction and quantile must be in (0, 1], got {far_fraction}, {quantile}")
         self.agreement = float(agreement)
+        self.mixed = bool(mixed)
+        self.near, self.far = float(near), float(far)
+        self.far_fraction = float(far_fraction)
+        self.quantile = float(quantile)
+        #: reference distance of clean source samples (``quantile`` of them); None = rule off
+        self.reference: float | None = None
+        self.last_n_near = 0
 
-    def choose(self, adapted: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``(logits to return, whether they are the source model's)``."""
+    @property
+    def needs_distance(self) -> bool:
+        return self.mixed and self.reference is not None
+
+    def calibrate(self, distances: torch.Tensor) -> None:
+        """Set the reference from the :func:`source_distance` values of clean source samples."""
+        d = torch.as_tensor(distances, dtype=torch.float64).reshape(-1)
+        d = d[torch.isfinite(d)]
+        if d.numel() == 0:
+            raise ValueError("source-fallback calibration got no finite distances")
+        self.reference = float(torch.quantile(d, self.quantile))
+
+    def choose(self, adapted: torch.Tensor, source: torch.Tensor,
+               distance: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """``(logits to return, whether they are the source model's for the whole batch)``."""
+        self.last_n_near = 0
         agree = (adapted.argmax(dim=1) == source.argmax(dim=1)).float().mean()
         if float(agree) >= self.agreement:
             return source, True
+        if distance is not None and self.needs_distance:
+            ref = max(float(self.reference), 1e-12)
+            far = float((distance > self.far * ref).float().mean())
+            near = distance <= self.near * ref
+            if far >= self.far_fraction and bool(near.any()):
+                self.last_n_near = int(near.sum())
+                return torch.where(near.unsqueeze(1).to(adapted.device), source, adapted), False
         return adapted, False
 
     def after_step(self, adapter, ctx: StepContext, mask: torch.Tensor, updated: bool) -> bool:
         return False
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict) -> None:
+        ref = state.get("reference")
+        self.reference = None if ref is None else float(ref)
