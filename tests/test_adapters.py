@@ -452,6 +452,44 @@ def test_source_fallback_mixed_batch_gives_source_like_samples_the_source_predic
     assert off.calibrate_guards(torch.rand(50, 1, 8, 8)) is None
 
 
+def test_source_fallback_stale_statistics_give_source_like_samples_the_source_prediction(net):
+    """RBN's slow statistics still describe a far domain when source-like batches come back: the
+    samples they do not fit get the source model's prediction; once they fit again, they do not."""
+    torch.manual_seed(0)
+    ad = build_adapter("rbn+source-fallback(agreement=1.0)", net, NUM_CLASSES)
+    ref = ad.calibrate_guards(torch.rand(300, 1, 8, 8))
+    for _ in range(30):
+        ad.step(torch.rand(16, 1, 8, 8) * 0.05 + 8.0)  # a long far domain
+    x = torch.rand(16, 1, 8, 8)  # back to the source domain, no far sample in the batch
+    _, dist = ad._source_forward_with_distance(x)
+    out = ad.step(x)
+    with torch.no_grad():
+        src = net(x)
+    near = dist <= ref
+    assert out.info["source-fallback"] is False and out.info["source-fallback_near"] == int(near.sum()) > 0
+    assert torch.allclose(out.logits[near], src[near], atol=1e-5)
+    fresh = build_adapter("rbn+source-fallback(agreement=1.0)", net, NUM_CLASSES)
+    fresh.calibrate_guards(torch.rand(300, 1, 8, 8))
+    assert fresh.step(torch.rand(16, 1, 8, 8)).info["source-fallback_near"] == 0  # statistics fit: adapted
+
+
+def test_fit_distance_recovers_the_statistics_a_layer_used():
+    from streamtta.adapters.guards.source_fallback import fit_distance, source_distance
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+        bn.weight.copy_(torch.tensor([2.0, -0.5, 1.5]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    x = torch.randn(8, 3, 6, 6) * 3.0
+    with torch.no_grad():
+        y = bn(x)
+    assert torch.allclose(fit_distance(y, bn.weight, bn.bias), source_distance(x, bn.running_mean, bn.running_var),
+                          rtol=1e-4, atol=1e-5)
+
+
 def test_source_distance_is_small_for_matching_statistics():
     from streamtta.adapters.guards.source_fallback import source_distance
 

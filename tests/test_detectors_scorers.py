@@ -238,3 +238,23 @@ def test_engine_feeds_the_adaptive_threshold():
     _, flags, keep = st.score(torch.from_numpy(np.r_[fi, fo]), torch.cat([li, lo_]))
     assert s.threshold != calibrated and len(s.otsu.queue) == 400
     assert flags[200:].mean() > 0.9 and np.array_equal(keep, ~flags)
+
+
+def test_contrast_learns_from_the_scores_it_just_computed():
+    """score(feats) then partial_fit(feats.detach()): one search, not two; a changed batch is re-scored."""
+    from streamtta.detectors import ContrastScorer
+
+    f, lo, y = id_data(300, 0)
+    s = ContrastScorer().fit(f, lo, y)
+    calls = []
+    inner = s._score_z
+    s._score_z = lambda z: calls.append(len(z)) or inner(z)
+    fb, lb, _ = id_data(64, 1)
+    t = torch.from_numpy(fb)
+    s.score(t.detach(), lb)
+    s.partial_fit(t.detach(), lb)
+    assert calls == [64]
+    s.score(t, lb)
+    t.mul_(2.0)  # modified in place after scoring: the cached scores are stale
+    s.partial_fit(t, lb)
+    assert calls == [64, 64, 64]

@@ -159,6 +159,13 @@ def test_readapter_readapts_and_recalibrates():
     assert res["action"] == "readapted" and res["n_samples"] == 32 and res["n_params_from_meta_init"] == 2
     assert not torch.allclose(net[1].weight, init["1.weight"] * 0.2)
     assert len(scorer.calls) == 1 and mon.calls == ["reset"]
+    # recalibrate_scorer=False: parameters re-adapted, the scorer left alone
+    quiet = Recorder()
+    ra2 = ReAdapter(init, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2,
+                    recalibrate_scorer=False)
+    for b in range(6):
+        ra2.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
+    assert ra2.on_shift(adapter, quiet)["action"] == "readapted" and quiet.calls == []
     for k, v in net.named_buffers():  # running statistics untouched
         assert torch.equal(v, buffers[k])
 

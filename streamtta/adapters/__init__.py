@@ -42,10 +42,11 @@ class mix, using per-class statistics slots that start from the source data's cl
 (the engine calls :meth:`~CompositeAdapter.fit_class_prior`) and follow confident pseudo-labels
 (see :mod:`streamtta.adapters.norms.class_balanced`); ``source-fallback`` returns the
 non-adapting source model's prediction on batches where both models agree on >= 95% of the
-samples (benign, near-source domains, where adapting statistics can only cost a little), and,
-in batches that mix source-like samples with far ones (gradual domain transitions), on the
-source-like samples (first-layer instance statistics within the clean-source range; the engine
-calls :meth:`~CompositeAdapter.calibrate_guards`).
+samples (benign, near-source domains, where adapting statistics can only cost a little), and on
+single source-like samples (first-layer instance statistics within the clean-source range; the
+engine calls :meth:`~CompositeAdapter.calibrate_guards`) when their batch also holds far samples
+(gradual domain transitions) or when the statistics the adapter used do not fit them (still tuned
+to a previous, far domain).
 Measured with ``streamtta bench simulations/digits-c-{iid,noniid,sorted}.toml --methods
 source,bn,tent,rbn,unmix-tns,default --seeds 1,2,3`` (Digits-C severity 5, 10 corruptions,
 2,000 samples each, adapter reset per domain, batch 64, ``digits-resnet``), accuracy %:

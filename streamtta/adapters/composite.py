@@ -36,7 +36,7 @@ from streamtta.adapters.common import FeatureHook, iter_norm_modules, last_linea
 from streamtta.adapters.context import StepContext
 from streamtta.adapters.filters.base import Filter
 from streamtta.adapters.guards.base import Guard
-from streamtta.adapters.guards.source_fallback import source_distance
+from streamtta.adapters.guards.source_fallback import fit_distance, source_distance
 from streamtta.adapters.norms.base import instance_stats
 from streamtta.adapters.norms import (
     NORM_CLASSES,
@@ -347,10 +347,20 @@ class CompositeAdapter(Adapter):
         pre_logits = None
         if self._label_layers:
             pre_logits = self._class_mix_prepass(x)
+        fit: list[torch.Tensor] = []
+        fit_hook = None
+        if any(getattr(g, "needs_distance", False) for g in self.guards):
+            layer = self._first_norm()
+            if layer is not None:  # how well the statistics this pass normalises with fit each sample
+                fit_hook = layer.register_forward_hook(
+                    lambda mod, inp, out: fit.append(fit_distance(out.detach(), getattr(mod, "weight", None),
+                                                                  getattr(mod, "bias", None))))
         try:
             with torch.set_grad_enabled(learn):
                 logits = self.model(x)
         finally:
+            if fit_hook is not None:
+                fit_hook.remove()
             if self._label_layers:
                 set_class_mix(self._label_layers, None)
         feats = self._pop_features(logits)
@@ -416,7 +426,7 @@ class CompositeAdapter(Adapter):
             if getattr(g, "needs_source_model", False):
                 if getattr(g, "needs_distance", False):
                     src_logits, dist = self._source_forward_with_distance(x)
-                    out_logits, used = g.choose(out_logits, src_logits, distance=dist)
+                    out_logits, used = g.choose(out_logits, src_logits, distance=dist, fit=fit[0] if fit else None)
                     info[f"{g.name}_near"] = g.last_n_near
                 else:
                     out_logits, used = g.choose(out_logits, self._exact_source_forward(x))

@@ -132,7 +132,8 @@ TERMS: dict[str, TermInfo] = {
         TermInfo("ema-source", "guard", {"momentum": float}, {"ema_momentum": "momentum"}, needs_objective=True),
         TermInfo(
             "source-fallback", "guard",
-            {"agreement": float, "mixed": bool, "near": float, "far": float, "far_fraction": float, "quantile": float},
+            {"agreement": float, "mixed": bool, "near": float, "far": float, "far_fraction": float, "stale": float,
+             "quantile": float},
             {"fallback_agreement": "agreement", "fallback_mixed": "mixed"},
         ),
     ]

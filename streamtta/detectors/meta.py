@@ -461,6 +461,9 @@ class ReAdapter:
         two; the re-adapted parameters bridge that gap and then hand back to the parameters the
         statistics adapter runs with. A decay in progress is not part of :meth:`state_dict`: after a
         restart from a checkpoint the parameters keep the values they had when it was written.
+    recalibrate_scorer
+        Re-fit the scorer's state and threshold on the re-adapted buffer (as published); False
+        leaves the scorer to its own online updates.
     entropy_tolerance, hist_tolerance
         Roll back when the histogram entropy fell by more than ``hist_tolerance`` (collapse), or
         when the mean entropy rose by more than ``entropy_tolerance`` (nats) without the histogram
@@ -471,7 +474,7 @@ class ReAdapter:
     def __init__(self, meta_init: Mapping[str, torch.Tensor], steps: int = 10, lr: float = 5e-3,
                  buffer_size: int = 512, batch_size: int = 64, recent_batches: int = 3, min_samples: int = 32,
                  diversity_weight: float = 1.0, entropy_tolerance: float = 0.0, hist_tolerance: float = 0.05,
-                 decay_batches: int = 0, seed: int = 0) -> None:
+                 decay_batches: int = 0, recalibrate_scorer: bool = True, seed: int = 0) -> None:
         if decay_batches < 0:
             raise ValueError(f"decay_batches must be >= 0, got {decay_batches}")
         if steps < 0 or lr <= 0 or buffer_size < 1 or batch_size < 1:
@@ -489,6 +492,7 @@ class ReAdapter:
         self.hist_tolerance = float(hist_tolerance)
         self.seed = int(seed)
         self.decay_batches = int(decay_batches)
+        self.recalibrate_scorer = bool(recalibrate_scorer)
         #: ``(parameters, pre-shift values, re-adapted values, batches done)`` while decaying
         self._decay: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int] | None = None
         self.buffer: deque[tuple[int, torch.Tensor]] = deque()
@@ -626,7 +630,8 @@ class ReAdapter:
             if self.decay_batches > 0:
                 self._decay = (params, snapshot, [p.detach().clone() for p in params], 0)
                 result["decay_batches"] = self.decay_batches
-            if scorer is not None and hasattr(scorer, "recalibrate") and feats_after is not None:
+            if (self.recalibrate_scorer and scorer is not None and hasattr(scorer, "recalibrate")
+                    and feats_after is not None):
                 try:
                     scorer.recalibrate(feats_after, logits_after)
                     result["scorer_threshold"] = float(scorer.threshold)

@@ -46,6 +46,7 @@ from collections import deque
 from typing import Any
 
 import numpy as np
+import torch
 
 from streamtta.detectors.index import FlatIPIndex, l2_normalize
 from streamtta.detectors.scorer import ThresholdedScorer, softmax_np, to_numpy
@@ -158,7 +159,7 @@ class ContrastScorer(ThresholdedScorer):
         self.known: _Ring | None = None
         self.unknown: _Ring | None = None
         self.queue: deque[tuple[float, float]] = deque(maxlen=self.queue_size)
-        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._last: tuple[tuple, Any, np.ndarray, np.ndarray] | None = None
 
     # -- threshold -----------------------------------------------------------------------
     def _get_threshold(self) -> float:
@@ -194,19 +195,30 @@ class ContrastScorer(ThresholdedScorer):
         unk = self.unknown.kth(z, self.k_unknown)
         return (0.0 if unk is None else unk) - known
 
+    @staticmethod
+    def _key(features: Any) -> tuple | None:
+        """Identity of a torch batch (storage, shape, version): the engine scores ``feats.detach()``
+        and later learns from another detached view of the same tensor."""
+        if isinstance(features, torch.Tensor):
+            return (features.data_ptr(), tuple(features.shape), features._version, features.device)
+        return None
+
     def score(self, features: Any, logits: Any) -> np.ndarray:
         self._check_fitted()
         z = l2_normalize(to_numpy(features))
         s = self._score_z(z)
-        self._last = (id(features), z, s)
+        key = self._key(features)
+        # the tensor is kept so that its storage cannot be reused by another batch meanwhile
+        self._last = None if key is None else (key, features, z, s)
         return s
 
     def partial_fit(self, features: Any, logits: Any, accepted: Any | None = None) -> None:
         """Admit the batch's most OOD samples to the unknown memory and its most ID ones to the known one."""
         if not self.fitted or logits is None:
             return
-        if self._last is not None and self._last[0] == id(features):
-            _, z, s = self._last
+        key = self._key(features)
+        if self._last is not None and key is not None and self._last[0] == key:
+            _, _, z, s = self._last
         else:
             z = l2_normalize(to_numpy(features))
             s = self._score_z(z)

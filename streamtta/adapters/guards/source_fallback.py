@@ -7,15 +7,20 @@ source domain: there the source statistics are simply the best ones. Two rules, 
 * **batch**: when the adapted model and the frozen source model (source statistics and source
   affine parameters) predict the same class for at least ``agreement`` of the batch, the domain is
   taken as benign and the step returns the source model's logits;
-* **mixed batch** (``mixed=True``): a batch that mixes source-like samples with samples far from
-  the source (a gradual transition between domains) is normalised with statistics that belong to
-  its far part. Each sample's distance to the source is the KL divergence between its instance
-  statistics at the first normalisation layer and that layer's source statistics (mean over
-  channels). When at least ``far_fraction`` of the batch is beyond ``far`` x the reference
-  distance, the samples within ``near`` x the reference get the source model's logits. The
-  reference is the 99th percentile of the distances of clean source samples
+* **per sample** (``mixed=True``): a sample's distance to a set of normalisation statistics is the
+  KL divergence between its instance statistics at the first normalisation layer and those
+  statistics (mean over channels; :func:`normalized_distance`). A *source-like* sample (distance
+  to the source statistics within ``near`` x the reference) gets the source model's logits when
+
+  - the batch mixes it with samples far from the source (at least ``far_fraction`` of the batch
+    beyond ``far`` x the reference: a gradual transition between domains, whose batch statistics
+    belong to the far part), or
+  - the statistics the adapter normalised it with do not fit it (distance beyond ``stale`` x the
+    reference: statistics still tuned to the previous, far domain).
+
+  The reference is the 99th percentile of the source distances of clean source samples
   (:meth:`calibrate`; the engine calls it through ``CompositeAdapter.calibrate_guards``); without
-  it the rule is off.
+  it these rules are off.
 
 Costs one extra forward pass without gradients.
 
@@ -31,6 +36,10 @@ Costs one extra forward pass without gradients.
 >>> out, used = g.choose(ada, src, distance=torch.tensor([0.01, 3.0, 3.0, 0.02]))
 >>> used, out.argmax(1).tolist(), g.last_n_near                # samples 0 and 3 are source-like
 (False, [0, 1, 1, 0], 2)
+>>> out, _ = g.choose(ada, src, distance=torch.tensor([0.01, 0.02, 0.01, 0.02]),   # no far sample,
+...                   fit=torch.tensor([1.0, 0.02, 0.01, 0.02]))   # but sample 0's statistics do not fit it
+>>> out.argmax(1).tolist()
+[0, 1, 1, 1]
 """
 from __future__ import annotations
 
@@ -40,20 +49,42 @@ from streamtta.adapters.context import StepContext
 from streamtta.adapters.guards.base import Guard
 
 
-def source_distance(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-sample distance of a norm layer's input ``x`` to its source statistics ``(mean, var)``.
+def normalized_distance(z: torch.Tensor, channels: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """Per-sample distance of normalised activations ``z`` to the standard normal they should follow.
 
-    ``(B, C, *spatial)``: mean over channels of ``KL(N(m_bc, v_bc) || N(mean_c, var_c))`` with the
-    instance statistics ``m, v`` over the spatial dims; ``(B, C)``: half the mean squared z-score.
+    ``(B, C, *spatial)``: mean over channels of ``KL(N(m_bc, v_bc) || N(0, 1))`` with the instance
+    statistics ``m, v`` of ``z`` over the spatial dims; ``(B, C)``: half the mean square.
+    ``channels`` (bool ``(C,)``) restricts the mean. For ``z = (x - mu) / sigma`` this is the KL
+    divergence between each sample's instance statistics and ``N(mu, sigma^2)``.
     """
-    var = var.clamp_min(0) + eps
-    if x.dim() == 2:
-        return 0.5 * ((x - mean) ** 2 / var).mean(dim=1)
-    f = x.flatten(2)
+    if channels is not None:
+        z = z[:, channels]
+    if z.dim() == 2:
+        return 0.5 * (z * z).mean(dim=1)
+    f = z.flatten(2)
     m = f.mean(dim=2)
-    v = (f * f).mean(dim=2) - m * m
-    r = (v.clamp_min(0) + eps) / var
-    return (0.5 * (r + (m - mean) ** 2 / var - 1.0 - torch.log(r))).mean(dim=1)
+    v = ((f * f).mean(dim=2) - m * m).clamp_min(0) + eps
+    return (0.5 * (v + m * m - 1.0 - torch.log(v))).mean(dim=1)
+
+
+def source_distance(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-sample distance of a norm layer's input ``x`` to its source statistics ``(mean, var)``:
+    :func:`normalized_distance` of ``(x - mean) / sqrt(var + eps)``."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    return normalized_distance((x - mean.view(view)) / (var.clamp_min(0) + eps).sqrt().view(view))
+
+
+def fit_distance(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample distance of a norm layer's input to the statistics the layer normalised it with,
+    recovered from its output ``y = weight * z + bias`` (any per-sample, per-channel statistics)."""
+    view = (1, -1) + (1,) * (y.dim() - 2)
+    z, channels = y, None
+    if bias is not None:
+        z = z - bias.view(view)
+    if weight is not None:
+        channels = weight.abs() > 1e-6
+        z = z / torch.where(channels, weight, torch.ones_like(weight)).view(view)
+    return normalized_distance(z, channels)
 
 
 class SourceFallback(Guard):
@@ -64,17 +95,19 @@ class SourceFallback(Guard):
     needs_source_model = True
 
     def __init__(self, agreement: float = 0.95, mixed: bool = True, near: float = 1.0, far: float = 5.0,
-                 far_fraction: float = 0.1, quantile: float = 0.99) -> None:
+                 far_fraction: float = 0.1, stale: float = 3.0, quantile: float = 0.99) -> None:
         if not 0.0 < agreement <= 1.0:
             raise ValueError(f"source-fallback agreement must be in (0, 1], got {agreement}")
-        if not 0.0 < near <= far:
-            raise ValueError(f"source-fallback needs 0 < near <= far, got near={near}, far={far}")
+        if not 0.0 < near <= far or stale <= 0:
+            raise ValueError(f"source-fallback needs 0 < near <= far and stale > 0, got near={near}, far={far}, "
+                             f"stale={stale}")
         if not 0.0 < far_fraction <= 1.0 or not 0.0 < quantile <= 1.0:
             raise ValueError(f"far_fraction and quantile must be in (0, 1], got {far_fraction}, {quantile}")
         self.agreement = float(agreement)
         self.mixed = bool(mixed)
         self.near, self.far = float(near), float(far)
         self.far_fraction = float(far_fraction)
+        self.stale = float(stale)
         self.quantile = float(quantile)
         #: reference distance of clean source samples (``quantile`` of them); None = rule off
         self.reference: float | None = None
@@ -92,20 +125,28 @@ class SourceFallback(Guard):
             raise ValueError("source-fallback calibration got no finite distances")
         self.reference = float(torch.quantile(d, self.quantile))
 
-    def choose(self, adapted: torch.Tensor, source: torch.Tensor,
-               distance: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-        """``(logits to return, whether they are the source model's for the whole batch)``."""
+    def choose(self, adapted: torch.Tensor, source: torch.Tensor, distance: torch.Tensor | None = None,
+               fit: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """``(logits to return, whether they are the source model's for the whole batch)``.
+
+        ``distance``: each sample's :func:`source_distance`; ``fit``: its :func:`fit_distance` to the
+        statistics the adapter normalised it with (both at the first norm layer; optional).
+        """
         self.last_n_near = 0
         agree = (adapted.argmax(dim=1) == source.argmax(dim=1)).float().mean()
         if float(agree) >= self.agreement:
             return source, True
         if distance is not None and self.needs_distance:
             ref = max(float(self.reference), 1e-12)
-            far = float((distance > self.far * ref).float().mean())
             near = distance <= self.near * ref
-            if far >= self.far_fraction and bool(near.any()):
-                self.last_n_near = int(near.sum())
-                return torch.where(near.unsqueeze(1).to(adapted.device), source, adapted), False
+            use = torch.zeros_like(near)
+            if float((distance > self.far * ref).float().mean()) >= self.far_fraction:
+                use |= near  # mixed batch
+            if fit is not None:
+                use |= near & (fit.to(near.device) > self.stale * ref)  # statistics that do not fit
+            if bool(use.any()):
+                self.last_n_near = int(use.sum())
+                return torch.where(use.unsqueeze(1).to(adapted.device), source, adapted), False
         return adapted, False
 
     def after_step(self, adapter, ctx: StepContext, mask: torch.Tensor, updated: bool) -> bool:
