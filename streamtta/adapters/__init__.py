@@ -56,13 +56,13 @@ method                 i.i.d.   Dirichlet(0.1)   sorted
 =====================  =======  ===============  ======
 source                 74.9     74.9             75.0
 bn (BN-adapt)          91.6     34.5             27.7
-tent                   91.8     34.5             27.9
-rbn (RoTTA stats)      86.7     79.9             77.8
-unmix-tns (published)  64.2     63.6             61.1
-default                91.0     90.8             86.1
+tent                   91.8     34.0             27.0
+rbn (RoTTA stats)      86.7     80.1             78.3
+unmix-tns (published)  64.0     63.3             60.8
+default                91.0     91.1             86.3
 =====================  =======  ===============  ======
 
-(engine defaults: energy scorer, fusion adaptation gate). The source class prior is what makes
+(engine defaults: contrast scorer, fusion adaptation gate). The source class prior is what makes
 one-class batches work from the first batch of a domain (seed 0, before the prior: sorted 72.5,
 Dirichlet 82.6, i.i.d. 91.0). Adding TENT (+conf-drop+ema-source) on top of ``cb-stats`` did not
 help in our measurements and doubles the step cost, so gradient steps are opt-in, e.g.
