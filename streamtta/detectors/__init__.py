@@ -2,8 +2,9 @@
 
 Polarity everywhere: higher OOD score = more out-of-distribution.
 
-* scorers (:func:`build_scorer`, :data:`DEFAULT_SCORER`): ``energy`` (default), ``fusion``
-  (Mahalanobis + energy), ``prototype`` (FAISS prototype memory), ``knn``, ``mahalanobis``, ``msp``;
+* scorers (:func:`build_scorer`, :data:`DEFAULT_SCORER`): ``contrast`` (default: kNN to the stream's
+  own unknowns minus kNN to known samples), ``energy``, ``fusion`` (Mahalanobis + energy),
+  ``prototype`` (FAISS prototype memory), ``knn``, ``mahalanobis``, ``msp``;
 * :class:`PrototypeMemory` (FAISS ``IndexIDMap2(IndexFlatIP)``), :class:`StrongOODPool`,
   :class:`NovelClassDetector`;
 * :class:`ShiftMonitor` (river ADWIN / PageHinkley / KSWIN on batch signals), :class:`OODBurstRule`;
