@@ -96,6 +96,17 @@ class CheckpointStore:
 # ----------------------------------------------------------------------------------------------
 # per-stream state
 # ----------------------------------------------------------------------------------------------
+def _score_and_flag(scorer: Any, features: torch.Tensor, logits: torch.Tensor) -> tuple[Any, np.ndarray]:
+    """A scorer's scores and boolean OOD flags; scorers with an adaptive (Otsu) threshold see the
+    scores first (``score_and_flag``)."""
+    if hasattr(scorer, "score_and_flag"):
+        scores, flags = scorer.score_and_flag(features, logits)
+    else:
+        scores = scorer.score(features, logits)
+        flags = scorer.is_ood(scores)
+    return scores, np.asarray(flags, dtype=bool)
+
+
 @dataclass
 class StreamState:
     key: str
@@ -114,15 +125,10 @@ class StreamState:
     def score(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[Any, np.ndarray, np.ndarray]:
         """``(scores, ood flags, keep)`` of a batch: the reporting scorer's scores and flags, and which
         samples may feed adaptation (flagged by neither the scorer nor the gate scorer)."""
-        if hasattr(self.scorer, "score_and_flag"):  # feeds an adaptive (Otsu) threshold first
-            scores, flags = self.scorer.score_and_flag(features, logits)
-        else:
-            scores = self.scorer.score(features, logits)
-            flags = self.scorer.is_ood(scores)
-        flags = np.asarray(flags, dtype=bool)
+        scores, flags = _score_and_flag(self.scorer, features, logits)
         keep = ~flags
         if self.gate_scorer is not None:
-            keep = keep & ~np.asarray(self.gate_scorer.is_ood(self.gate_scorer.score(features, logits)), dtype=bool)
+            keep = keep & ~_score_and_flag(self.gate_scorer, features, logits)[1]
         return scores, flags, keep
 
     def learn_scores(self, features: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> None:
@@ -194,8 +200,7 @@ class Components:
         self.num_classes = len(self.classes)
         self.spec = DEFAULT_SPEC if cfg.adapter.spec == "default" else cfg.adapter.spec
         self._build_adapter = build_adapter
-        self._class_prior: list[Any] | None = None
-        self._guard_reference: tuple[float | None] | None = None
+        self._source_fit: tuple[list[Any], float | None] | None = None
         self.scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
         self.base_scorer = build_scorer(self.scorer_name, **cfg.scorer.options)
         gate_name = cfg.scorer.gate
@@ -235,20 +240,18 @@ class Components:
         guards that compare samples with the source (source-fallback) get their reference."""
         torch.manual_seed(self.cfg.engine.seed)
         adapter = self._build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
-        if self.cfg.adapter.class_prior and getattr(adapter, "_label_layers", None):
-            if self._class_prior is None and (self.meta is not None or self._train is not None):
+        if hasattr(adapter, "fit_source") and (self.meta is not None or self._train is not None):
+            # one source pass: cb-stats class prior and source-fallback's reference, cached for later adapters
+            with_prior = self.cfg.adapter.class_prior and bool(getattr(adapter, "_label_layers", None))
+            if self._source_fit is None:
                 x, y = self.source_train()
-                self._class_prior = adapter.fit_class_prior(torch.as_tensor(np.asarray(x), dtype=torch.float32),
-                                                            self.class_indices(y))
-            elif self._class_prior is not None:
-                adapter.set_class_prior(self._class_prior)
-        if hasattr(adapter, "calibrate_guards") and (self.meta is not None or self._train is not None):
-            # source-fallback's mixed-batch rule compares samples with clean source inputs
-            if self._guard_reference is None:
-                x, _ = self.source_train()
-                self._guard_reference = (adapter.calibrate_guards(torch.as_tensor(np.asarray(x), dtype=torch.float32)),)
+                self._source_fit = adapter.fit_source(torch.as_tensor(np.asarray(x), dtype=torch.float32),
+                                                      self.class_indices(y) if with_prior else None)
             else:
-                adapter.set_guard_reference(self._guard_reference[0])
+                prior, reference = self._source_fit
+                if with_prior:
+                    adapter.set_class_prior(prior)
+                adapter.set_guard_reference(reference)
         return adapter
 
     @torch.no_grad()

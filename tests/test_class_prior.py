@@ -124,3 +124,20 @@ def test_balance_shrink_takes_nearly_uniform_mixes_as_uniform():
     assert build_adapter("cb-stats(balanced_tv=0.2)", net, num_classes=3).imbalanced_tv == pytest.approx(0.5)
     with pytest.raises(ValueError, match="balanced_tv"):
         build_adapter("cb-stats(balanced_tv=0.5,imbalanced_tv=0.2)", net, num_classes=3)
+
+
+def test_fit_source_takes_prior_and_guard_reference_from_one_pass():
+    net, x, y = toy()
+    both = build_adapter("cb-stats+source-fallback", net, num_classes=3)
+    calls = []
+    inner = both._exact_source_forward
+    both._exact_source_forward = lambda b: calls.append(len(b)) or inner(b)
+    prior, reference = both.fit_source(x, y, batch_size=16)
+    assert calls == [16, 14]  # one pass over the 30 samples
+    apart = build_adapter("cb-stats+source-fallback", net, num_classes=3)
+    apart_prior = apart.fit_class_prior(x, y, batch_size=16)
+    assert reference == apart.calibrate_guards(x, batch_size=16) and reference > 0
+    for (m1, v1), (m2, v2) in zip(prior, apart_prior):
+        assert torch.equal(m1, m2) and torch.equal(v1, v2)
+    assert both.fit_source(x, None) == ([], reference)  # no labels: the guard reference alone
+    assert build_adapter("source", net, num_classes=3).fit_source(x, y) == ([], None)

@@ -39,12 +39,12 @@ inline arguments; see :data:`streamtta.adapters.spec.OVERRIDE_KEYS`.
 **The default** (:data:`DEFAULT_SPEC` = ``"cb-stats+source-fallback"``) is gradient-free:
 ``cb-stats`` normalises every batch with its own statistics corrected for its (estimated)
 class mix, using per-class statistics slots that start from the source data's class statistics
-(the engine calls :meth:`~CompositeAdapter.fit_class_prior`) and follow confident pseudo-labels
+(the engine calls :meth:`~CompositeAdapter.fit_source`) and follow confident pseudo-labels
 (see :mod:`streamtta.adapters.norms.class_balanced`); ``source-fallback`` returns the
 non-adapting source model's prediction on batches where both models agree on >= 95% of the
 samples (benign, near-source domains, where adapting statistics can only cost a little), and on
-single source-like samples (first-layer instance statistics within the clean-source range; the
-engine calls :meth:`~CompositeAdapter.calibrate_guards`) when their batch also holds far samples
+single source-like samples (first-layer instance statistics within the clean-source range,
+measured in the same pass) when their batch also holds far samples
 (gradual domain transitions) or when the statistics the adapter used do not fit them (still tuned
 to a previous, far domain).
 Measured with ``streamtta bench simulations/digits-c-{iid,noniid,sorted}.toml --methods

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -90,6 +91,14 @@ def balance_shrunk_mix(mix: torch.Tensor, balanced_tv: float = 0.3, imbalanced_t
     tv = 0.5 * float((mix - 1.0 / c).abs().sum())
     r = min(max((imbalanced_tv - tv) / (imbalanced_tv - balanced_tv), 0.0), 1.0)
     return (1.0 - r) * mix + r / c
+
+
+def _first_source_norm(model: nn.Module) -> nn.Module | None:
+    """The first normalisation layer of ``model`` with source statistics (BatchNorm or a streamtta norm)."""
+    for _, m in iter_norm_modules(model):
+        if getattr(m, "source_mean", None) is not None or getattr(m, "running_mean", None) is not None:
+            return m
+    return None
 
 
 class CompositeAdapter(Adapter):
@@ -217,6 +226,9 @@ class CompositeAdapter(Adapter):
 
         self._needs_source = any(f.needs_source for f in self.filters)
         self._label_layers = label_norms(self.model)
+        self._first_norm = _first_source_norm(self.model)
+        #: guards that compare samples with the source and take a reference from source data
+        self._reference_guards = [g for g in self.guards if hasattr(g, "calibrate") and getattr(g, "mixed", False)]
         if prepass == "auto":
             prepass = "source" if (self._needs_source and objective is not None) else "adapted"
         self.prepass = prepass
@@ -250,8 +262,11 @@ class CompositeAdapter(Adapter):
         feats = self._hook.pop() if self._hook is not None else None
         return logits if feats is None else feats
 
-    def _source_forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), frozen_stats(self.model):
+    def _source_forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """The model with the source values of the adapted parameters and the current statistics (the
+        "frozen source copy" of the filters); ``exact``: with the source statistics too, i.e. the
+        non-adapting source model."""
+        with torch.no_grad(), frozen_stats(self.model), (source_stats(self.model) if exact else nullcontext()):
             out = torch.func.functional_call(self.model, self._source_params, (x,), strict=False)
         if self._hook is not None:
             self._hook.pop()
@@ -259,43 +274,36 @@ class CompositeAdapter(Adapter):
 
     def _exact_source_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The non-adapting source model: source statistics and source affine parameters."""
-        with torch.no_grad(), frozen_stats(self.model), source_stats(self.model):
-            out = torch.func.functional_call(self.model, self._source_params, (x,), strict=False)
-        if self._hook is not None:
-            self._hook.pop()
-        return out
+        return self._source_forward(x, exact=True)
 
-    def _first_norm(self) -> nn.Module | None:
-        """The first normalisation layer that has source statistics (BatchNorm or a streamtta norm)."""
-        for _, m in iter_norm_modules(self.model):
-            if getattr(m, "source_mean", None) is not None or getattr(m, "running_mean", None) is not None:
-                return m
-        return None
-
-    def _source_forward_with_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_exact_source_forward` plus each sample's :func:`source_distance` at the first norm layer."""
-        layer = self._first_norm()
-        if layer is None:
-            return self._exact_source_forward(x), None
-        seen: list[torch.Tensor] = []
+    def _distance_hook(self, out: list[torch.Tensor]) -> Any:
+        """Append each sample's :func:`source_distance` at the first norm layer to ``out`` on every
+        forward pass until the returned handle is removed."""
 
         def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
             mean = getattr(mod, "source_mean", None)
             mean, var = (mod.running_mean, mod.running_var) if mean is None else (mean, mod.source_var)
-            seen.append(source_distance(inp[0].detach(), mean, var, mod.eps))
+            out.append(source_distance(inp[0].detach(), mean, var, mod.eps))
 
-        handle = layer.register_forward_pre_hook(hook)
+        return self._first_norm.register_forward_pre_hook(hook)
+
+    def _source_forward_with_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_exact_source_forward` plus each sample's :func:`source_distance` at the first norm layer."""
+        if self._first_norm is None:
+            return self._exact_source_forward(x), None
+        seen: list[torch.Tensor] = []
+        handle = self._distance_hook(seen)
         try:
             out = self._exact_source_forward(x)
         finally:
             handle.remove()
-        return out, (seen[0] if seen else None)
+        return out, seen[0]
 
-    @torch.no_grad()
     def calibrate_guards(self, x: torch.Tensor, batch_size: int = 256) -> float | None:
-        """Give guards that compare samples with the source (source-fallback's mixed-batch rule)
+        """Give guards that compare samples with the source (source-fallback's per-sample rules)
         their reference from clean source inputs ``x``; it becomes part of the initial state.
-        Returns the reference (None when no guard takes one).
+        Returns the reference (None when no guard takes one). :meth:`fit_source` does this and the
+        class prior in one pass.
 
         >>> import torch
         >>> from torch import nn
@@ -306,24 +314,14 @@ class CompositeAdapter(Adapter):
         >>> ad.calibrate_guards(torch.rand(50, 1, 6, 6)) > 0
         True
         """
-        guards = [g for g in self.guards if hasattr(g, "calibrate") and getattr(g, "mixed", False)]
-        if not guards or self._first_norm() is None:
-            return None
-        dists = []
-        for i in range(0, len(x), batch_size):
-            _, d = self._source_forward_with_distance(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32))
-            dists.append(d)
-        d = torch.cat(dists)
-        for g in guards:
-            g.calibrate(d)
-        self._initial_state = self.state_dict()
-        return guards[0].reference
+        return self.fit_source(x, None, batch_size=batch_size)[1]
 
     def set_guard_reference(self, reference: float | None) -> None:
         """Set the reference of :meth:`calibrate_guards` without the data pass (same model)."""
-        for g in self.guards:
-            if hasattr(g, "calibrate") and getattr(g, "mixed", False):
-                g.reference = None if reference is None else float(reference)
+        if not self._reference_guards:
+            return
+        for g in self._reference_guards:
+            g.reference = None if reference is None else float(reference)
         self._initial_state = self.state_dict()
 
     @torch.no_grad()
@@ -349,12 +347,11 @@ class CompositeAdapter(Adapter):
             pre_logits = self._class_mix_prepass(x)
         fit: list[torch.Tensor] = []
         fit_hook = None
-        if any(getattr(g, "needs_distance", False) for g in self.guards):
-            layer = self._first_norm()
-            if layer is not None:  # how well the statistics this pass normalises with fit each sample
-                fit_hook = layer.register_forward_hook(
-                    lambda mod, inp, out: fit.append(fit_distance(out.detach(), getattr(mod, "weight", None),
-                                                                  getattr(mod, "bias", None))))
+        if self._first_norm is not None and any(getattr(g, "needs_distance", False) for g in self.guards):
+            # how well the statistics this pass normalises with fit each sample
+            fit_hook = self._first_norm.register_forward_hook(
+                lambda mod, inp, out: fit.append(fit_distance(out.detach(), getattr(mod, "weight", None),
+                                                              getattr(mod, "bias", None))))
         try:
             with torch.set_grad_enabled(learn):
                 logits = self.model(x)
@@ -488,18 +485,34 @@ class CompositeAdapter(Adapter):
         >>> len(prior), tuple(prior[0][0].shape), ad.model[1].slot_weight.tolist()
         (1, (2, 4), [0.5, 0.5])
         """
-        layers = list(self._label_layers)
-        if not layers:
-            return []
-        y = torch.as_tensor(y).long().reshape(-1)
-        if len(y) != len(x):
-            raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels")
+        return self.fit_source(x, y, batch_size=batch_size, guards=False)[0]
+
+    @torch.no_grad()
+    def fit_source(self, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 256,
+                   guards: bool = True) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
+        """One pass of clean source inputs ``x`` through the source model for everything the adapter
+        takes from source data: the class prior of :meth:`fit_class_prior` (when labels ``y`` are
+        given) and the guards' reference of :meth:`calibrate_guards` (when ``guards``). Both become
+        part of the initial state. Returns ``(prior, reference)`` for :meth:`set_class_prior` and
+        :meth:`set_guard_reference` on other adapters of the same model.
+        """
+        layers = list(self._label_layers) if y is not None else []
+        ref_guards = self._reference_guards if guards and self._first_norm is not None else []
+        if layers:
+            y = torch.as_tensor(y).long().reshape(-1)
+            if len(y) != len(x):
+                raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels")
+        if not layers and not ref_guards:
+            return [], None
         seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in layers}
 
         def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
             seen[id(mod)].append(instance_stats(inp[0].detach()))
 
+        dists: list[torch.Tensor] = []
         handles = [m.register_forward_pre_hook(hook) for m in layers]
+        if ref_guards:
+            handles.append(self._distance_hook(dists))
         try:
             for i in range(0, len(x), batch_size):
                 self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32))
@@ -517,8 +530,15 @@ class CompositeAdapter(Adapter):
                     cm[c] = mean_i[sel].mean(0)
                     cv[c] = var_i[sel].mean(0) + mean_i[sel].var(0, unbiased=False)
             prior.append((cm, cv))
-        self.set_class_prior(prior)
-        return prior
+            m.set_class_prior(cm, cv)
+        reference = None
+        if ref_guards:
+            d = torch.cat(dists)
+            for g in ref_guards:
+                g.calibrate(d)
+            reference = ref_guards[0].reference
+        self._initial_state = self.state_dict()
+        return prior, reference
 
     def set_class_prior(self, prior: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Give the cb-stats layers (module order) class priors from :meth:`fit_class_prior`; they

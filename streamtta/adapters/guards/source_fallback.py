@@ -19,7 +19,7 @@ source domain: there the source statistics are simply the best ones. Two rules, 
     reference: statistics still tuned to the previous, far domain).
 
   The reference is the 99th percentile of the source distances of clean source samples
-  (:meth:`calibrate`; the engine calls it through ``CompositeAdapter.calibrate_guards``); without
+  (:meth:`calibrate`; the engine calls it through ``CompositeAdapter.fit_source``); without
   it these rules are off.
 
 Costs one extra forward pass without gradients.
@@ -47,6 +47,7 @@ import torch
 
 from streamtta.adapters.context import StepContext
 from streamtta.adapters.guards.base import Guard
+from streamtta.adapters.norms.base import instance_stats
 
 
 def normalized_distance(z: torch.Tensor, channels: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -61,9 +62,8 @@ def normalized_distance(z: torch.Tensor, channels: torch.Tensor | None = None, e
         z = z[:, channels]
     if z.dim() == 2:
         return 0.5 * (z * z).mean(dim=1)
-    f = z.flatten(2)
-    m = f.mean(dim=2)
-    v = ((f * f).mean(dim=2) - m * m).clamp_min(0) + eps
+    m, v = instance_stats(z)
+    v = v + eps
     return (0.5 * (v + m * m - 1.0 - torch.log(v))).mean(dim=1)
 
 
@@ -88,7 +88,8 @@ def fit_distance(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
 
 
 class SourceFallback(Guard):
-    """Source model's logits for benign batches, and for the source-like samples of mixed batches."""
+    """Source model's logits for benign batches, and for source-like samples of mixed batches or that
+    the adapted statistics do not fit."""
 
     name = "source-fallback"
     #: the adapter computes the exact source model's logits for :meth:`choose`.
