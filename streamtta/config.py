@@ -102,9 +102,11 @@ class MonitorConfig(Section):
                     "and input (in_mean, in_std, in_hf).")
     novelty: bool = Field(True, description="Watch OOD samples for a persistent novel cluster.")
     cooldown_batches: int = Field(10, ge=0, description="Batches after a confirmed shift before the next one.")
-    readapt: bool = Field(False, description="Run meta-OOD re-adaptation on a confirmed shift.")
+    readapt: bool = Field(True, description="Re-adapt on a confirmed shift: the batch holding the change point is "
+                          "processed again in two parts; readapt_options.restart=true adds the meta-init restart.")
     readapt_options: dict[str, Any] = Field(default_factory=dict,
-                                            description="ReAdapter settings (steps, lr, buffer_size, ...).")
+                                            description="ReAdapter settings (split_onset, restart, steps, lr, "
+                                                        "decay_batches, ...).")
     burst: dict[str, Any] | None = Field(default_factory=dict, description="OOD-burst rule options (level, "
                                          "n_batches); null disables the rule.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra ShiftMonitor options.")

@@ -12,7 +12,9 @@ offline simulations take exactly the live code path). Per batch of records:
    and keeps OOD-flagged samples out of every update;
 4. **OOD scorer** (higher = more OOD), online scorer update from ID-accepted samples;
 5. **shift monitor** on batch-level signals (OOD rate, mean entropy of accepted-ID samples, mean score),
-   optional **re-adaptation** on a confirmed shift, **alert policy** (cooldown: one shift, one alert);
+   **re-adaptation** on a confirmed shift (the batch that holds the change point is processed again, in
+   two parts, from the adapter state before it; optionally a restart from the meta-initialisation),
+   **alert policy** (cooldown: one shift, one alert);
 6. **sinks**: predictions (id = f(topic, partition, offset)), alerts (topic + JSONL);
 7. after the whole batch: **flush** every sink, **checkpoint** the touched states atomically, and only then
    **commit** ``last processed offset + 1`` per partition.
@@ -96,10 +98,11 @@ class CheckpointStore:
 # ----------------------------------------------------------------------------------------------
 # per-stream state
 # ----------------------------------------------------------------------------------------------
-def _score_and_flag(scorer: Any, features: torch.Tensor, logits: torch.Tensor) -> tuple[Any, np.ndarray]:
+def _score_and_flag(scorer: Any, features: torch.Tensor, logits: torch.Tensor,
+                    feed: bool = True) -> tuple[Any, np.ndarray]:
     """A scorer's scores and boolean OOD flags; scorers with an adaptive (Otsu) threshold see the
-    scores first (``score_and_flag``)."""
-    if hasattr(scorer, "score_and_flag"):
+    scores first (``score_and_flag``) unless ``feed`` is False (a batch scored a second time)."""
+    if feed and hasattr(scorer, "score_and_flag"):
         scores, flags = scorer.score_and_flag(features, logits)
     else:
         scores = scorer.score(features, logits)
@@ -122,14 +125,30 @@ class StreamState:
     n_samples: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
-    def score(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[Any, np.ndarray, np.ndarray]:
+    def score(self, features: torch.Tensor, logits: torch.Tensor,
+              feed: bool = True) -> tuple[Any, np.ndarray, np.ndarray]:
         """``(scores, ood flags, keep)`` of a batch: the reporting scorer's scores and flags, and which
-        samples may feed adaptation (flagged by neither the scorer nor the gate scorer)."""
-        scores, flags = _score_and_flag(self.scorer, features, logits)
+        samples may feed adaptation (flagged by neither the scorer nor the gate scorer). ``feed=False``
+        for a batch scored again: adaptive thresholds do not see its scores twice."""
+        scores, flags = _score_and_flag(self.scorer, features, logits, feed)
         keep = ~flags
         if self.gate_scorer is not None:
-            keep = keep & ~_score_and_flag(self.gate_scorer, features, logits)[1]
+            keep = keep & ~_score_and_flag(self.gate_scorer, features, logits, feed)[1]
         return scores, flags, keep
+
+    def step(self, x: torch.Tensor, feed: bool = True) -> tuple[StepOutput, np.ndarray, np.ndarray, np.ndarray]:
+        """One adapter step gated by the scorers: ``(output, scores, ood flags, keep)``."""
+        scored: dict[str, Any] = {}
+
+        def gate(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+            scored["v"] = self.score(features, logits, feed)
+            return torch.from_numpy(scored["v"][2])
+
+        out: StepOutput = self.adapter.step(x, gate=gate)
+        if "v" not in scored:  # gradient-free adapters need no gate; score afterwards
+            gate(out.logits, out.features)
+        scores, flags, keep = scored["v"]
+        return out, np.asarray(scores, dtype=np.float64), flags, keep
 
     def learn_scores(self, features: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor) -> None:
         """Online scorer updates (prototype memory, ...) from the samples that were kept."""
@@ -217,10 +236,17 @@ class Components:
                 holdout = source_holdout(meta)
             self._calibrate(self.source_train(), holdout)
         self.meta_init = None
-        if cfg.monitor.readapt:
+        if cfg.monitor.readapt and cfg.monitor.readapt_options.get("restart", False):
             from streamtta.detectors.meta import load_meta_init
 
             self.meta_init = load_meta_init(cfg.model.source or "digits-resnet")
+        if cfg.monitor.readapt:  # a typo in readapt_options fails here, not at the first stream
+            from streamtta.detectors.meta import ReAdapter
+
+            try:
+                ReAdapter(self.meta_init, **cfg.monitor.readapt_options)
+            except TypeError as e:
+                raise ValueError(f"monitor.readapt_options: {e}") from None
 
     def source_train(self) -> tuple[Any, Any]:
         """The model's clean source training data (given to the constructor, else loaded once)."""
@@ -293,10 +319,10 @@ class Components:
                    if mon_cfg.enabled else None)
         policy = AlertPolicy(cooldown_batches=self.cfg.alerts.cooldown_batches)
         readapter = None
-        if self.meta_init is not None:
+        if mon_cfg.enabled and mon_cfg.readapt:
             from streamtta.detectors.meta import ReAdapter
 
-            readapter = ReAdapter(self.meta_init, **self.cfg.monitor.readapt_options)
+            readapter = ReAdapter(self.meta_init, **mon_cfg.readapt_options)
         burst = OODBurstRule(**mon_cfg.burst) if mon_cfg.enabled and mon_cfg.burst is not None else None
         novelty = copy.deepcopy(self.base_novelty) if mon_cfg.enabled and mon_cfg.novelty else None
         gate_scorer = copy.deepcopy(self.base_gate_scorer) if self.base_gate_scorer is not None else None
@@ -480,27 +506,14 @@ class Engine:
     def _process_group(self, st: StreamState, items: list[tuple[RawRecord, Sample]], t0: float) -> None:
         comp = self.components
         x = torch.from_numpy(np.stack([s.x for _, s in items]).astype(np.float32, copy=False))
-        scored: dict[str, Any] = {}
-
-        def gate(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-            scored["scores"], scored["flags"], scored["keep"] = st.score(features, logits)
-            return torch.from_numpy(scored["keep"])
-
         ts = time.perf_counter()
-        out: StepOutput = st.adapter.step(x, gate=gate)
-        if "scores" not in scored:  # gradient-free adapters need no gate; score afterwards
-            gate(out.logits, out.features)
-        scores = np.asarray(scored["scores"], dtype=np.float64)
-        flags = scored["flags"]
-        accepted = torch.from_numpy(scored["keep"])
+        # a re-adapter that may process this batch again after a shift needs the state before it
+        pre_state = st.adapter.state_dict() if st.readapter is not None and st.readapter.needs_pre_state else None
+        out, scores, flags, keep = st.step(x)
+        accepted = torch.from_numpy(keep)
         st.learn_scores(out.features, out.logits, accepted)
         step_s = time.perf_counter() - ts
         self.step_time_s += step_s
-
-        probs = out.logits.softmax(1)
-        conf, pred_idx = probs.max(1)
-        entropy = out.entropy.numpy()
-        preds = [comp.classes[i] for i in pred_idx.tolist()]
         if st.readapter is not None:
             st.readapter.observe(x[accepted], st.batch_index)
 
@@ -512,7 +525,7 @@ class Engine:
         if st.novelty is not None:
             events.extend(st.novelty.update(out.features, flags, st.batch_index, logits=out.logits))
             unknown_hits = np.full(len(items), st.novelty.last_unknown_hits)
-        signals = {**batch_signals(scores, flags, entropy, unknown_hits), **input_signals(x)}
+        signals = {**batch_signals(scores, flags, out.entropy.numpy(), unknown_hits), **input_signals(x)}
         shift_kind: str | None = None
         if st.monitor is not None:
             ev = st.monitor.update(signals, st.batch_index)
@@ -520,6 +533,14 @@ class Engine:
                 events.append(ev)
                 shift_kind = ev.alert_kind
                 if st.readapter is not None:
+                    if pre_state is not None:  # the shift began inside this batch: process it again in two parts
+                        tr = time.perf_counter()
+                        redo = st.readapter.reprocess(st.adapter, x, pre_state, lambda xs: st.step(xs, feed=False))
+                        if redo is not None:
+                            out, scores, flags, _ = redo.outputs
+                            ev.evidence["onset_split"] = redo.evidence
+                        step_s += time.perf_counter() - tr
+                        self.step_time_s += time.perf_counter() - tr
                     ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer, st.monitor, ev)
                     st.monitor.reset_reference()
         if st.burst is not None:
@@ -531,6 +552,9 @@ class Engine:
                                           evidence={k: v for k, v in out.info.items() if _jsonable(v)}))
         alerts = st.policy.process(events, stream_id=stream_id, offsets=rng, batch_index=st.batch_index,
                                    signals=signals)
+        conf, pred_idx = out.logits.softmax(1).max(1)
+        entropy = out.entropy.numpy()
+        preds = [comp.classes[i] for i in pred_idx.tolist()]
 
         # predictions
         psink = self.outputs.predictions

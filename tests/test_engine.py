@@ -138,3 +138,38 @@ def test_gate_scorer_also_keeps_its_flags_out_of_adaptation(tmp_path, model_meta
     fresh = comps.new_state("x")
     fresh.load_state_dict(saved)
     assert fresh.gate_scorer.state_dict().keys() == saved["gate_scorer"].keys()
+
+
+def test_shift_inside_a_batch_is_reprocessed_in_two_parts(tmp_path, model_meta):
+    """A confirmed shift whose change point lies inside the batch: that batch is processed again from the
+    adapter state before it, as two batches, and its outputs are the two-part ones."""
+    from streamtta.simulations.corruptions import corrupt
+
+    d = load_digits_32()
+    n, cp = 1664, 20 * 64 + 24  # 20 clean batches, then contrast from sample 24 of batch 20
+    x = np.stack([d.x_test[i % len(d.x_test)] for i in range(n)]).astype(np.float32)
+    y = np.array([int(d.y_test[i % len(d.x_test)]) for i in range(n)])
+    x[cp:] = corrupt(x[cp:], "contrast", 5, 0)
+    vals = [encode_tensor(x[i], "cam", label=int(y[i]), is_unknown=bool(y[i] >= 8)) for i in range(n)]
+    change_acc = {}
+    for readapt in (False, True):
+        cfg = load_config(overrides={"engine": {"batch_size": 64, "checkpoint_dir": str(tmp_path / f"ck{readapt}")},
+                                     "monitor": {"readapt": readapt},
+                                     "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
+        log = RunLog()
+        eng, out = make_engine(cfg, MemorySource(vals, topic="t"), Components(cfg, *model_meta), runlog=log)
+        eng.run()
+        assert sorted(p["offset"] for p in out.predictions.values) == list(range(n))
+        b = log.batches[20]
+        assert b.shift == "covariate_shift"  # confirmed on the batch that holds the change point
+        known = [j for j in range(len(b.preds)) if b.labels[j] < 8]
+        change_acc[readapt] = np.mean([b.preds[j] == b.labels[j] for j in known])
+        shift_alerts = [a for a in out.alerts[0].values if a["kind"] == "covariate_shift"]
+        split = shift_alerts[0]["evidence"].get("onset_split")
+        if readapt:
+            assert split is not None and abs(split["onset_index"] - 24) <= 1 and split["p_value"] < 0.01
+            assert b.info["onset_index"] == split["onset_index"]
+        else:
+            assert split is None and "onset_index" not in b.info
+    # statistics of a batch straddling two domains fit neither part
+    assert change_acc[True] > change_acc[False] + 0.15

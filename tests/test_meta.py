@@ -130,7 +130,7 @@ def test_readapter_rolls_back_when_proxies_get_worse():
     adapter = FakeAdapter(net)
     before = [p.detach().clone() for p in adapter.parameters_to_adapt()]
     bad_init = {"1.weight": torch.zeros(6), "1.bias": torch.zeros(6)}  # every input -> same prediction
-    ra = ReAdapter(bad_init, steps=0)
+    ra = ReAdapter(bad_init, steps=0, restart=True)
     for b in range(4):
         ra.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
     scorer, mon = Recorder(), Recorder()
@@ -150,7 +150,7 @@ def test_readapter_readapts_and_recalibrates():
     init = {n: p.detach().clone() for n, p in net.named_parameters() if n.startswith("1.")}
     with torch.no_grad():  # the adapter drifted away from the meta-init
         net[1].weight.mul_(0.2)
-    ra = ReAdapter(init, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2)
+    ra = ReAdapter(init, restart=True, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2)
     for b in range(6):
         ra.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
     scorer, mon = Recorder(), Recorder()
@@ -161,7 +161,7 @@ def test_readapter_readapts_and_recalibrates():
     assert len(scorer.calls) == 1 and mon.calls == ["reset"]
     # recalibrate_scorer=False: parameters re-adapted, the scorer left alone
     quiet = Recorder()
-    ra2 = ReAdapter(init, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2,
+    ra2 = ReAdapter(init, restart=True, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2,
                     recalibrate_scorer=False)
     for b in range(6):
         ra2.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
@@ -178,7 +178,7 @@ def test_readapter_decay_returns_to_the_pre_shift_parameters():
     with torch.no_grad():
         net[1].weight.mul_(0.2)
     before = net[1].weight.detach().clone()
-    ra = ReAdapter(init, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2,
+    ra = ReAdapter(init, restart=True, steps=5, lr=1e-2, entropy_tolerance=10.0, hist_tolerance=1.0, recent_batches=2,
                    decay_batches=4)
     for b in range(6):
         ra.observe(x[16 * b : 16 * (b + 1)], batch_index=b)
@@ -205,4 +205,7 @@ def test_readapter_buffer_is_bounded_and_stateful():
     other = ReAdapter({})
     other.load_state_dict(ra.state_dict())
     assert len(other) == 40 and other.n_observed_batches == 10
-    assert ReAdapter({}).on_shift(FakeAdapter(tiny_net()))["action"] == "skipped"
+    assert ReAdapter({}).on_shift(FakeAdapter(tiny_net()))["action"] == "kept"  # no restart by default
+    assert ReAdapter({"1.weight": torch.ones(6)}, restart=True).on_shift(FakeAdapter(tiny_net()))["action"] == "skipped"
+    with pytest.raises(ValueError, match="meta-initialisation"):
+        ReAdapter(None, restart=True)

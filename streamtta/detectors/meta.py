@@ -37,6 +37,7 @@ import logging
 import math
 import time
 from collections import deque
+from dataclasses import dataclass
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from streamtta.types import StepOutput
 
 log = logging.getLogger("streamtta.detectors.meta")
 
@@ -435,6 +438,14 @@ def prediction_proxies(logits: torch.Tensor) -> dict[str, float]:
             "mean_confidence": float(p.max(1).values.mean())}
 
 
+@dataclass(frozen=True)
+class Reprocessed:
+    """Outputs of a batch processed again in two parts: ``(StepOutput, scores, flags, keep)`` and evidence."""
+
+    outputs: tuple[Any, np.ndarray, np.ndarray, Any]
+    evidence: dict[str, Any]
+
+
 class ReAdapter:
     """Restart the adapter from the meta-initialisation after a confirmed shift.
 
@@ -464,6 +475,17 @@ class ReAdapter:
     recalibrate_scorer
         Re-fit the scorer's state and threshold on the re-adapted buffer (as published); False
         leaves the scorer to its own online updates.
+    restart
+        Restart the adaptable parameters from the meta-initialisation and take ``steps`` steps
+        (the meta re-adaptation proper); False leaves the parameters alone (onset split only).
+    split_onset
+        When the batch that confirms a shift holds its change point (located by
+        :class:`~streamtta.detectors.onset.OnsetLocator` on the arrival order), process that batch
+        again from the adapter's state before it, as two batches (before / after the change point),
+        and report those outputs (:meth:`reprocess`). Normalisation statistics of a batch that
+        straddles two domains fit neither; this is the batch a shift costs most on.
+    min_segment, onset_alpha
+        The locator's smallest part and significance level.
     entropy_tolerance, hist_tolerance
         Roll back when the histogram entropy fell by more than ``hist_tolerance`` (collapse), or
         when the mean entropy rose by more than ``entropy_tolerance`` (nats) without the histogram
@@ -471,16 +493,19 @@ class ReAdapter:
         entropy with more diverse predictions counts as a recovery).
     """
 
-    def __init__(self, meta_init: Mapping[str, torch.Tensor], steps: int = 10, lr: float = 5e-3,
+    def __init__(self, meta_init: Mapping[str, torch.Tensor] | None = None, steps: int = 10, lr: float = 5e-3,
                  buffer_size: int = 512, batch_size: int = 64, recent_batches: int = 3, min_samples: int = 32,
                  diversity_weight: float = 1.0, entropy_tolerance: float = 0.0, hist_tolerance: float = 0.05,
-                 decay_batches: int = 0, recalibrate_scorer: bool = True, seed: int = 0) -> None:
+                 decay_batches: int = 0, recalibrate_scorer: bool = True, restart: bool = False,
+                 split_onset: bool = True, min_segment: int = 8, onset_alpha: float = 0.01, seed: int = 0) -> None:
         if decay_batches < 0:
             raise ValueError(f"decay_batches must be >= 0, got {decay_batches}")
         if steps < 0 or lr <= 0 or buffer_size < 1 or batch_size < 1:
             raise ValueError(f"need steps >= 0, lr > 0, buffer_size >= 1, batch_size >= 1; got {steps}, {lr}, "
                              f"{buffer_size}, {batch_size}")
-        self.meta_init = {k: v.detach().clone() for k, v in meta_init.items()}
+        if restart and not meta_init:
+            raise ValueError("restart=True needs a meta-initialisation (streamtta meta-train)")
+        self.meta_init = {k: v.detach().clone() for k, v in (meta_init or {}).items()}
         self.steps = int(steps)
         self.lr = float(lr)
         self.buffer_size = int(buffer_size)
@@ -493,6 +518,11 @@ class ReAdapter:
         self.seed = int(seed)
         self.decay_batches = int(decay_batches)
         self.recalibrate_scorer = bool(recalibrate_scorer)
+        self.restart = bool(restart)
+        self.split_onset = bool(split_onset)
+        from streamtta.detectors.onset import OnsetLocator
+
+        self.locator = OnsetLocator(min_segment=min_segment, alpha=onset_alpha, seed=seed)
         #: ``(parameters, pre-shift values, re-adapted values, batches done)`` while decaying
         self._decay: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int] | None = None
         self.buffer: deque[tuple[int, torch.Tensor]] = deque()
@@ -555,9 +585,63 @@ class ReAdapter:
         f = None if any(v is None for v in feats) else torch.cat(feats)
         return torch.cat(logits), f
 
+    @property
+    def needs_pre_state(self) -> bool:
+        """True when :meth:`reprocess` may run: the caller keeps the adapter state before each batch."""
+        return self.split_onset
+
+    def reprocess(self, adapter: Any, x: torch.Tensor, pre_state: Mapping[str, Any],
+                  step: Callable[[torch.Tensor], tuple[Any, ...]]) -> "Reprocessed | None":
+        """Process the batch that confirmed a shift again, in two parts, when its change point lies inside it.
+
+        ``pre_state`` is ``adapter.state_dict()`` from before the batch; ``step(x_part)`` runs one
+        (gated, scored) adapter step and returns ``(StepOutput, scores, flags, keep)``. Returns None
+        (adapter untouched) when no change point is found; otherwise the adapter is back at
+        ``pre_state``, has stepped on the part before the change point and then on the part after it,
+        and the concatenated outputs are returned.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from streamtta.adapters import build_adapter
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(4, 3)).eval()
+        >>> adapter = build_adapter("bn", net, num_classes=3)
+        >>> ra = ReAdapter({})
+        >>> x = torch.rand(64, 1, 8, 8); x[40:] = x[40:] * 0.2 + torch.randn(24, 1, 8, 8)  # new domain from 40 on
+        >>> pre = adapter.state_dict(); _ = adapter.step(x)
+        >>> step = lambda part: (adapter.step(part), torch.zeros(len(part)), torch.zeros(len(part), dtype=torch.bool), None)
+        >>> redo = ra.reprocess(adapter, x, pre, step)
+        >>> redo.evidence["onset_index"], redo.outputs[0].logits.shape
+        (40, torch.Size([64, 3]))
+        """
+        if not self.split_onset:
+            return None
+        onset = self.locator.locate(x)
+        if onset is None:
+            return None
+        i = onset.index
+        adapter.load_state_dict(pre_state)
+        parts = [step(x[:i]), step(x[i:])]
+        (o1, s1, f1, k1), (o2, s2, f2, k2) = parts
+        out = StepOutput(
+            logits=torch.cat([o1.logits, o2.logits]), features=torch.cat([o1.features, o2.features]),
+            update_mask=torch.cat([o1.update_mask, o2.update_mask]),
+            loss=None if o1.loss is None and o2.loss is None else float(np.nanmean(
+                [np.nan if o.loss is None else o.loss for o in (o1, o2)])),
+            reset=bool(o1.reset or o2.reset), info={**o2.info, "onset_index": i})
+        keep = None if k1 is None or k2 is None else np.concatenate([np.asarray(k1), np.asarray(k2)])
+        evidence = {"onset_index": i, "batch_size": int(len(x)), "statistic": round(onset.statistic, 3),
+                    "p_value": onset.p_value}
+        return Reprocessed((out, np.concatenate([np.asarray(s1), np.asarray(s2)]),
+                            np.concatenate([np.asarray(f1), np.asarray(f2)]), keep), evidence)
+
     def on_shift(self, adapter: Any, scorer: Any | None = None, monitor: Any | None = None,
                  event: Any | None = None) -> dict[str, Any]:
         """Re-adapt after a confirmed shift; returns what was done and the proxies before/after."""
+        if not self.restart:
+            result = {"action": "kept", "reason": "restart disabled"}
+            self.history.append(result)
+            return result
         since = getattr(event, "onset_batch", None) if event is not None else None
         x = self._select(since)
         if len(x) == 0:
