@@ -510,12 +510,9 @@ class Engine:
         # a re-adapter that may process this batch again after a shift needs the state before it
         pre_state = st.adapter.state_dict() if st.readapter is not None and st.readapter.needs_pre_state else None
         out, scores, flags, keep = st.step(x)
-        accepted = torch.from_numpy(keep)
-        st.learn_scores(out.features, out.logits, accepted)
         step_s = time.perf_counter() - ts
-        self.step_time_s += step_s
         if st.readapter is not None:
-            st.readapter.observe(x[accepted], st.batch_index)
+            st.readapter.observe(x[torch.from_numpy(keep)], st.batch_index)
 
         first, last = items[0][0], items[-1][0]
         rng = OffsetRange(topic=last.topic, partition=last.partition, first=first.offset, last=last.offset)
@@ -537,10 +534,9 @@ class Engine:
                         tr = time.perf_counter()
                         redo = st.readapter.reprocess(st.adapter, x, pre_state, lambda xs: st.step(xs, feed=False))
                         if redo is not None:
-                            out, scores, flags, _ = redo.outputs
+                            out, scores, flags, keep = redo.outputs
                             ev.evidence["onset_split"] = redo.evidence
                         step_s += time.perf_counter() - tr
-                        self.step_time_s += time.perf_counter() - tr
                     ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer, st.monitor, ev)
                     st.monitor.reset_reference()
         if st.burst is not None:
@@ -552,6 +548,11 @@ class Engine:
                                           evidence={k: v for k, v in out.info.items() if _jsonable(v)}))
         alerts = st.policy.process(events, stream_id=stream_id, offsets=rng, batch_index=st.batch_index,
                                    signals=signals)
+        # online scorer updates from the batch's final outputs (after a re-processing, the two-part ones)
+        tl = time.perf_counter()
+        st.learn_scores(out.features, out.logits, torch.from_numpy(np.asarray(keep, dtype=bool)))
+        step_s += time.perf_counter() - tl
+        self.step_time_s += step_s
         conf, pred_idx = out.logits.softmax(1).max(1)
         entropy = out.entropy.numpy()
         preds = [comp.classes[i] for i in pred_idx.tolist()]

@@ -9,7 +9,10 @@ Polarity everywhere: higher OOD score = more out-of-distribution.
   :class:`NovelClassDetector`;
 * :class:`ShiftMonitor` (river ADWIN / PageHinkley / KSWIN on batch signals), :class:`OODBurstRule`;
 * :class:`AlertPolicy` -> :class:`~streamtta.detectors.alerts.Alert`;
-* :mod:`streamtta.detectors.meta`: :func:`meta_train`, :class:`ReAdapter` (imported lazily).
+* :class:`OnsetLocator` (where inside a batch the stream changed);
+* :mod:`streamtta.detectors.meta`: :func:`meta_train`, :class:`ReAdapter` (imported lazily): on a
+  confirmed shift, the batch holding the change point is processed again in two parts (on by default,
+  ``monitor.readapt``), and optionally the adaptable parameters restart from the meta-initialisation.
 """
 from streamtta.detectors.alerts import Alert, AlertKind, OffsetRange, Severity, deterministic_id
 from streamtta.detectors.base import OODScorer, ShiftDetector
@@ -22,6 +25,7 @@ from streamtta.detectors.events import (
 )
 from streamtta.detectors.index import FlatIPIndex
 from streamtta.detectors.novelty import NovelClassDetector
+from streamtta.detectors.onset import Onset, OnsetLocator
 from streamtta.detectors.ood_contrast import ContrastScorer
 from streamtta.detectors.ood_energy import EnergyScorer
 from streamtta.detectors.ood_fusion import FusionScorer
@@ -41,7 +45,7 @@ __all__ = [
     "Alert", "AlertKind", "OffsetRange", "Severity", "deterministic_id",
     "OODScorer", "ShiftDetector",
     "ShiftEvent", "OODBurstEvent", "NovelClusterEvent", "GuardResetEvent", "DeadLetterEvent",
-    "FlatIPIndex", "PrototypeMemory", "StrongOODPool", "NovelClassDetector",
+    "FlatIPIndex", "PrototypeMemory", "StrongOODPool", "NovelClassDetector", "Onset", "OnsetLocator",
     "ThresholdedScorer", "ScoringGate",
     "PrototypeScorer", "KNNScorer", "ContrastScorer",
     "EnergyScorer", "MSPScorer", "MahalanobisScorer", "FusionScorer",
