@@ -173,3 +173,10 @@ def test_shift_inside_a_batch_is_reprocessed_in_two_parts(tmp_path, model_meta):
             assert split is None and "onset_index" not in b.info
     # statistics of a batch straddling two domains fit neither part
     assert change_acc[True] > change_acc[False] + 0.15
+
+
+def test_readapt_options_are_checked_when_components_are_built(tmp_path, model_meta):
+    cfg = cfg_for(tmp_path, spec="source")
+    cfg.monitor.readapt_options = {"split_onsets": True}  # typo
+    with pytest.raises(ValueError, match="monitor.readapt_options"):
+        Components(cfg, *model_meta)

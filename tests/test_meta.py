@@ -197,14 +197,18 @@ def test_readapter_decay_returns_to_the_pre_shift_parameters():
 
 
 def test_readapter_buffer_is_bounded_and_stateful():
-    ra = ReAdapter({}, buffer_size=40)
+    init = {"1.weight": torch.ones(6)}
+    ra = ReAdapter(init, restart=True, buffer_size=40)
     for b in range(10):
         ra.observe(torch.full((16, 1, 4, 4), float(b)))
     assert len(ra) == 40
     assert float(ra.buffer[-1][1][0, 0, 0, 0]) == 9.0
-    other = ReAdapter({})
+    other = ReAdapter(init, restart=True)
     other.load_state_dict(ra.state_dict())
     assert len(other) == 40 and other.n_observed_batches == 10
+    split_only = ReAdapter()  # without the restart nothing reads the buffer: it stays empty
+    split_only.observe(torch.ones(16, 1, 4, 4))
+    assert len(split_only) == 0 and split_only.n_observed_batches == 1
     assert ReAdapter({}).on_shift(FakeAdapter(tiny_net()))["action"] == "kept"  # no restart by default
     assert ReAdapter({"1.weight": torch.ones(6)}, restart=True).on_shift(FakeAdapter(tiny_net()))["action"] == "skipped"
     with pytest.raises(ValueError, match="meta-initialisation"):

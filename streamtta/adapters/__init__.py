@@ -55,11 +55,11 @@ source,bn,tent,rbn,unmix-tns,default --seeds 1,2,3`` (Digits-C severity 5, 10 co
 method                 i.i.d.   Dirichlet(0.1)   sorted
 =====================  =======  ===============  ======
 source                 74.9     74.9             75.0
-bn (BN-adapt)          91.6     34.5             27.7
+bn (BN-adapt)          91.6     34.4             27.7
 tent                   91.8     34.0             27.0
-rbn (RoTTA stats)      86.7     80.1             78.3
-unmix-tns (published)  64.0     63.3             60.8
-default                91.0     91.1             86.3
+rbn (RoTTA stats)      86.6     80.2             78.4
+unmix-tns (published)  64.1     63.5             61.0
+default                91.0     91.3             86.1
 =====================  =======  ===============  ======
 
 (engine defaults: contrast scorer, fusion adaptation gate). The source class prior is what makes

@@ -548,10 +548,13 @@ class ReAdapter:
         return sum(len(x) for _, x in self.buffer)
 
     def observe(self, x_accepted: torch.Tensor, batch_index: int | None = None) -> None:
-        """Add one batch of ID-accepted inputs (bounded FIFO buffer); advances a running decay."""
+        """Add one batch of ID-accepted inputs (bounded FIFO buffer, kept with ``restart`` only);
+        advances a running decay."""
         b = self.n_observed_batches if batch_index is None else int(batch_index)
         self.n_observed_batches += 1
         self._decay_step()
+        if not self.restart:  # only the meta restart reads the buffer: keep checkpoints small
+            return
         x = torch.as_tensor(x_accepted).detach().cpu()
         if x.dim() == 0 or len(x) == 0:
             return
