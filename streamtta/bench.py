@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from streamtta.config import Config
 
 
@@ -46,19 +48,22 @@ def scorer_variants(names: list[str]) -> list[Variant]:
 def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list[int], *,
               json_out: Path | None = None, plot_out: Path | None = None, markdown_out: Path | None = None,
               progress: bool = True, limit: int | None = None, variants: list[Variant] | None = None,
-              table_metrics: tuple[str, ...] | None = None, cost: bool = False, cost_samples: int = 2048) -> int:
+              table_metrics: tuple[str, ...] | None = None, cost: bool = False, cost_samples: int = 2048,
+              plot_shifts_out: Path | None = None) -> int:
     """Run ``methods`` (adapter specs) x ``variants`` on every scenario and seed; print, write, plot.
 
     Every variant config is validated before anything runs, so a typo fails in a second, not after an
     hour of benchmarking. ``cost=True`` measures compute cost instead (:mod:`streamtta.costs`) on the
-    first ``cost_samples`` samples of each scenario's stream (first seed).
+    first ``cost_samples`` samples of each scenario's stream (first seed). ``plot_shifts_out`` draws
+    the mean accuracy around the scenarios' change points per method (:func:`~streamtta.reports.plot_shift_recovery`).
     """
     from rich.console import Console
 
     from streamtta import runner
     from streamtta.engine import Components
     from streamtta.metrics import batch_series, summarize
-    from streamtta.reports import DEFAULT_TABLE_METRICS, aggregate, bench_markdown, plot_bench, print_bench_table, write_bench_json
+    from streamtta.reports import (DEFAULT_TABLE_METRICS, aggregate, bench_markdown, plot_bench, plot_shift_recovery,
+                                   print_bench_table, shift_windows, write_bench_json)
     from streamtta.simulations.scenario import build_stream, load_scenario
 
     from pydantic import ValidationError
@@ -77,6 +82,7 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
     # a pipe or a log file gets the whole table, not one cut to 80 columns
     console = Console() if sys.stdout.isatty() else Console(width=220)
     results: list[dict[str, Any]] = []
+    windows: dict[tuple[str, str], list[Any]] = {}
     cost_rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     t_start = time.perf_counter()
@@ -121,6 +127,9 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
                                 "metrics": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
                                 "per_domain": summary.get("per_domain", {}), "stats": res.stats})
                 acc_by_method[name] = batch_series(res.log, known_classes=set(comps.classes))["acc"]
+                changes = (summary.get("shift") or {}).get("change_batches") or []
+                if changes:
+                    windows.setdefault((scenario.name, name), []).append(shift_windows(acc_by_method[name], changes))
             src = next((n for n, m, _ in runs if m == "source"), None)
             if src is not None:  # same stream, same batches: compare batch by batch
                 for r in results[-len(runs):]:
@@ -139,6 +148,12 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
     if markdown_out is not None:
         Path(markdown_out).write_text(bench_markdown(agg, metrics=cols))
         console.print(f"markdown -> {markdown_out}")
+    if plot_shifts_out is not None:
+        if windows:
+            plot_shift_recovery({k: np.concatenate(v) for k, v in windows.items()}, plot_shifts_out)
+            console.print(f"shift plot -> {plot_shifts_out}")
+        else:
+            console.print("[yellow]no scenario has change points: no shift plot[/]")
     console.print(f"bench wall time {time.perf_counter() - t_start:.1f} s")
     return 0
 

@@ -285,7 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(cfg, args.scenarios, methods, seeds, json_out=args.json, plot_out=args.plot,
                      markdown_out=args.markdown, progress=cfg.run.progress, limit=args.limit,
                      variants=variants or None, table_metrics=args.metrics, cost=args.cost,
-                     cost_samples=args.cost_samples)
+                     cost_samples=args.cost_samples, plot_shifts_out=args.plot_shifts)
 
 
 def cmd_train_source(args: argparse.Namespace) -> int:
@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default="1", help="comma-separated seeds")
     b.add_argument("--json", type=Path, help="write results JSON here")
     b.add_argument("--plot", type=Path, help="write a PNG comparison plot here")
+    b.add_argument("--plot-shifts", type=Path, help="write a PNG of the mean accuracy around the change points here")
     b.add_argument("--markdown", type=Path, help="write the results table as Markdown here")
     b.add_argument("--limit", type=int, help="use only the first N samples of each stream (smoke runs)")
     b.add_argument("--scorers", help="comma-separated OOD scorers: every method runs once per scorer")

@@ -569,3 +569,64 @@ def plot_bench(
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title or f"{_label(metric)} by scenario and method")
     return _save(fig, path, dpi)
+
+
+def shift_windows(acc_series: Any, change_batches: Iterable[int], before: int = 5, after: int = 10) -> np.ndarray:
+    """Per-batch accuracy around each change batch: ``(n_changes, before + 1 + after)``, column ``before``
+    is the batch holding the change point; positions outside the series are NaN.
+
+    >>> shift_windows([90, 91, 40, 80, 90], [2], before=2, after=3).tolist()
+    [[90.0, 91.0, 40.0, 80.0, 90.0, nan]]
+    """
+    if before < 0 or after < 0:
+        raise ValueError(f"before and after must be >= 0, got {before}, {after}")
+    a = np.asarray(acc_series, dtype=np.float64).ravel()
+    cbs = [int(c) for c in change_batches]
+    out = np.full((len(cbs), before + 1 + after), np.nan)
+    for i, c in enumerate(cbs):
+        for j, t in enumerate(range(c - before, c + after + 1)):
+            if 0 <= t < len(a):
+                out[i, j] = a[t]
+    return out
+
+
+def plot_shift_recovery(
+    windows: Mapping[tuple[str, str], np.ndarray],
+    path: str | Path,
+    before: int = 5,
+    title: str | None = None,
+    *,
+    dpi: int = 110,
+) -> Path:
+    """Mean accuracy around shifts: one panel per scenario, one line per method, x = batches from the
+    batch holding the change point (0), band = ± standard error over shifts (and seeds).
+
+    ``windows[(scenario, method)]`` stacks :func:`shift_windows` rows. Returns the path.
+    """
+    scens = list(dict.fromkeys(s for s, _ in windows))
+    if not scens:
+        raise ValueError("plot_shift_recovery needs the windows of at least one scenario with shifts")
+    fig = _new_figure((max(6.0, 5.5 * len(scens)), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, len(scens), squeeze=False)[0])
+    for ax, sc in zip(axes, scens):
+        meths = [m for s, m in windows if s == sc]
+        for j, m in enumerate(meths):
+            w = np.asarray(windows[(sc, m)], dtype=np.float64)
+            if w.size == 0:
+                continue
+            xs = np.arange(w.shape[1]) - before
+            n = np.isfinite(w).sum(0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mu = np.nansum(w, 0) / np.where(n > 0, n, np.nan)
+                sd = np.sqrt(np.nansum((w - mu) ** 2, 0) / np.where(n > 1, n - 1, np.nan))
+                se = sd / np.sqrt(np.where(n > 0, n, np.nan))
+            ax.plot(xs, mu, marker="o", ms=3, lw=1.4, color=f"C{j % 10}", label=f"{m} ({len(w)} shifts)")
+            ax.fill_between(xs, mu - se, mu + se, color=f"C{j % 10}", alpha=0.15, lw=0)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("batches from the batch holding the change point")
+        ax.set_ylabel("accuracy % (known classes)")
+        ax.set_title(sc, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False, loc="lower right")
+    fig.suptitle(title or "accuracy around shifts (mean ± s.e.)")
+    return _save(fig, path, dpi)

@@ -77,3 +77,13 @@ def test_bench_cost_mode_reports_forward_step_and_scoring(tmp_path):
         assert r["step_ratio"] == pytest.approx(r["step_ms"] / r["forward_ms"], rel=1e-2)
     # TENT does a forward, a backward and an optimizer step: it costs more than BN-adapt's forward
     assert rows["tent"]["step_ms"] > rows["bn"]["step_ms"]
+
+
+def test_bench_plots_accuracy_around_shifts(tmp_path, capsys):
+    png = tmp_path / "shifts.png"
+    args = ["bench", "quickstart", "--methods", "source", "--seeds", "1", "--no-progress",
+            "--plot-shifts", str(png), "--output-dir", str(tmp_path)]
+    assert main(args + ["--limit", "640"]) == 0  # the shift at sample 2,000 is cut off
+    assert "no shift plot" in capsys.readouterr().out and not png.exists()
+    assert main(args + ["--limit", "2560"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

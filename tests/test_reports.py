@@ -168,3 +168,23 @@ def test_tables_drop_empty_columns_unless_asked():
     assert "ACC_H" not in md and "AUROC" in md
     md_all = R.bench_markdown(agg, metrics=("acc", "acc_h", "auroc"), drop_empty=False)
     assert "ACC_H" in md_all
+
+
+def test_shift_windows_align_on_the_change_batch_and_pad_with_nan():
+    acc = np.arange(20, dtype=float)
+    w = R.shift_windows(acc, [3, 18], before=4, after=3)
+    assert w.shape == (2, 8)
+    assert np.isnan(w[0, 0]) and w[0, 4] == 3.0 and w[0, 7] == 6.0  # batch -1 does not exist
+    assert w[1, 4] == 18.0 and w[1, 5] == 19.0 and np.isnan(w[1, 6:]).all()
+    assert R.shift_windows(acc, []).shape == (0, 16)
+    with pytest.raises(ValueError):
+        R.shift_windows(acc, [3], before=-1)
+
+
+def test_plot_shift_recovery_png(tmp_path):
+    rng = np.random.default_rng(0)
+    w = {("scen", "a"): rng.uniform(50, 100, (6, 16)), ("scen", "b"): np.full((6, 16), np.nan),
+         ("other", "a"): rng.uniform(50, 100, (3, 16))}
+    _check_png(R.plot_shift_recovery(w, tmp_path / "shifts.png"))
+    with pytest.raises(ValueError, match="at least one"):
+        R.plot_shift_recovery({}, tmp_path / "none.png")
