@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scorers", help="comma-separated OOD scorers: every method runs once per scorer")
     b.add_argument("--variant", dest="variants", action="append", default=[], metavar="LABEL:KEY=V[;KEY=V]",
                    help="run every method again with these config overrides, e.g. "
-                        "'readapt:monitor.readapt=true' (repeatable; the label is added to the method name)")
+                        "'no-readapt:monitor.readapt=false' (repeatable; the label is added to the method name)")
     b.add_argument("--cost", action="store_true",
                    help="measure compute cost instead: plain forward vs adapter step vs scoring, per batch (ms)")
     b.add_argument("--cost-samples", type=int, default=2048, help="samples per scenario for --cost")

@@ -111,6 +111,19 @@ class MonitorConfig(Section):
                                          "n_batches); null disables the rule.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra ShiftMonitor options.")
 
+    @field_validator("readapt_options")
+    @classmethod
+    def _known_readapt_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import inspect
+
+        from streamtta.detectors.meta import ReAdapter
+
+        known = set(inspect.signature(ReAdapter.__init__).parameters) - {"self", "meta_init"}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown re-adapter option(s) {unknown}; known: {sorted(known)}")
+        return v
+
 
 class AlertsConfig(Section):
     jsonl: bool = Field(True, description="Append alerts to <output>/alerts.jsonl.")

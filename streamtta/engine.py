@@ -10,11 +10,12 @@ offline simulations take exactly the live code path). Per batch of records:
    its checkpoint;
 3. **adapter step** (pre-update logits and features); the engine passes a *gate* that scores the batch
    and keeps OOD-flagged samples out of every update;
-4. **OOD scorer** (higher = more OOD), online scorer update from ID-accepted samples;
+4. **OOD scorer** (higher = more OOD);
 5. **shift monitor** on batch-level signals (OOD rate, mean entropy of accepted-ID samples, mean score),
    **re-adaptation** on a confirmed shift (the batch that holds the change point is processed again, in
    two parts, from the adapter state before it; optionally a restart from the meta-initialisation),
-   **alert policy** (cooldown: one shift, one alert);
+   **alert policy** (cooldown: one shift, one alert); online scorer update from the ID-accepted samples of
+   the batch's final outputs;
 6. **sinks**: predictions (id = f(topic, partition, offset)), alerts (topic + JSONL);
 7. after the whole batch: **flush** every sink, **checkpoint** the touched states atomically, and only then
    **commit** ``last processed offset + 1`` per partition.
@@ -102,8 +103,8 @@ def _score_and_flag(scorer: Any, features: torch.Tensor, logits: torch.Tensor,
                     feed: bool = True) -> tuple[Any, np.ndarray]:
     """A scorer's scores and boolean OOD flags; scorers with an adaptive (Otsu) threshold see the
     scores first (``score_and_flag``) unless ``feed`` is False (a batch scored a second time)."""
-    if feed and hasattr(scorer, "score_and_flag"):
-        scores, flags = scorer.score_and_flag(features, logits)
+    if hasattr(scorer, "score_and_flag"):
+        scores, flags = scorer.score_and_flag(features, logits, observe=feed)
     else:
         scores = scorer.score(features, logits)
         flags = scorer.is_ood(scores)
@@ -245,7 +246,7 @@ class Components:
 
             try:
                 ReAdapter(self.meta_init, **cfg.monitor.readapt_options)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise ValueError(f"monitor.readapt_options: {e}") from None
 
     def source_train(self) -> tuple[Any, Any]:
@@ -507,12 +508,13 @@ class Engine:
         comp = self.components
         x = torch.from_numpy(np.stack([s.x for _, s in items]).astype(np.float32, copy=False))
         ts = time.perf_counter()
-        # a re-adapter that may process this batch again after a shift needs the state before it
-        pre_state = st.adapter.state_dict() if st.readapter is not None and st.readapter.needs_pre_state else None
+        # a re-adapter that may process this batch again after a shift needs the state before it (not while
+        # the monitor's cooldown rules out a confirmation on this batch)
+        pre_state = (st.adapter.state_dict() if st.readapter is not None and st.readapter.needs_pre_state
+                     and (st.monitor is None or st.batch_index > getattr(st.monitor, "cooldown_until", -1))
+                     else None)
         out, scores, flags, keep = st.step(x)
         step_s = time.perf_counter() - ts
-        if st.readapter is not None:
-            st.readapter.observe(x[torch.from_numpy(keep)], st.batch_index)
 
         first, last = items[0][0], items[-1][0]
         rng = OffsetRange(topic=last.topic, partition=last.partition, first=first.offset, last=last.offset)
@@ -522,25 +524,38 @@ class Engine:
         if st.novelty is not None:
             events.extend(st.novelty.update(out.features, flags, st.batch_index, logits=out.logits))
             unknown_hits = np.full(len(items), st.novelty.last_unknown_hits)
+        # the monitor, the novelty detector and the adaptive thresholds see the batch as first processed:
+        # that is the evidence a shift is confirmed on
         signals = {**batch_signals(scores, flags, out.entropy.numpy(), unknown_hits), **input_signals(x)}
         shift_kind: str | None = None
+        learned = False
         if st.monitor is not None:
             ev = st.monitor.update(signals, st.batch_index)
             if ev is not None:
                 events.append(ev)
                 shift_kind = ev.alert_kind
                 if st.readapter is not None:
-                    if pre_state is not None:  # the shift began inside this batch: process it again in two parts
+                    redo = None
+                    if pre_state is not None:  # if the change point lies inside this batch: process it in two parts
                         tr = time.perf_counter()
                         redo = st.readapter.reprocess(st.adapter, x, pre_state, lambda xs: st.step(xs, feed=False))
                         if redo is not None:
                             out, scores, flags, keep = redo.outputs
                             ev.evidence["onset_split"] = redo.evidence
+                            ev.evidence["readaptation"] = {"action": "onset_split"}
                         step_s += time.perf_counter() - tr
-                    ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer, st.monitor, ev)
+                    if st.readapter.restart:
+                        # the restart re-fits the scorer: it must have learned this batch first, and its buffer
+                        # must hold this batch
+                        tl = time.perf_counter()
+                        st.learn_scores(out.features, out.logits, torch.from_numpy(keep))
+                        st.readapter.observe(x[torch.from_numpy(keep)], st.batch_index)
+                        step_s += time.perf_counter() - tl
+                        learned = True
+                        ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer, st.monitor, ev)
                     st.monitor.reset_reference()
-        if st.burst is not None:
-            burst = st.burst.update(signals["ood_rate"], st.batch_index)
+        if st.burst is not None:  # on the reported flags
+            burst = st.burst.update(float(np.mean(flags)), st.batch_index)
             if burst is not None:
                 events.append(burst)
         if out.reset:
@@ -549,9 +564,12 @@ class Engine:
         alerts = st.policy.process(events, stream_id=stream_id, offsets=rng, batch_index=st.batch_index,
                                    signals=signals)
         # online scorer updates from the batch's final outputs (after a re-processing, the two-part ones)
-        tl = time.perf_counter()
-        st.learn_scores(out.features, out.logits, torch.from_numpy(np.asarray(keep, dtype=bool)))
-        step_s += time.perf_counter() - tl
+        if not learned:
+            tl = time.perf_counter()
+            st.learn_scores(out.features, out.logits, torch.from_numpy(keep))
+            if st.readapter is not None:
+                st.readapter.observe(x[torch.from_numpy(keep)], st.batch_index)
+            step_s += time.perf_counter() - tl
         self.step_time_s += step_s
         conf, pred_idx = out.logits.softmax(1).max(1)
         entropy = out.entropy.numpy()

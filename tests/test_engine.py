@@ -168,15 +168,50 @@ def test_shift_inside_a_batch_is_reprocessed_in_two_parts(tmp_path, model_meta):
         split = shift_alerts[0]["evidence"].get("onset_split")
         if readapt:
             assert split is not None and abs(split["onset_index"] - 24) <= 1 and split["p_value"] < 0.01
-            assert b.info["onset_index"] == split["onset_index"]
+            assert b.info["onset_index"] == split["onset_index"] and shift_alerts[0]["action"] == "onset_split"
         else:
             assert split is None and "onset_index" not in b.info
     # statistics of a batch straddling two domains fit neither part
     assert change_acc[True] > change_acc[False] + 0.15
 
 
-def test_readapt_options_are_checked_when_components_are_built(tmp_path, model_meta):
+def test_readapt_options_are_checked_before_anything_runs(tmp_path, model_meta):
+    from streamtta.config import ConfigError
+
+    with pytest.raises(ConfigError, match="split_onsets"):  # a typo: caught with the configuration
+        load_config(overrides={"monitor": {"readapt_options": {"split_onsets": True}}}, env=False)
     cfg = cfg_for(tmp_path, spec="source")
-    cfg.monitor.readapt_options = {"split_onsets": True}  # typo
+    cfg.monitor.readapt_options = {"decay_batches": -1}  # a bad value: caught when the components are built
     with pytest.raises(ValueError, match="monitor.readapt_options"):
         Components(cfg, *model_meta)
+
+
+def test_restart_learns_the_batch_before_the_scorer_is_refit(tmp_path, model_meta, monkeypatch):
+    """With the meta restart on, the shift batch feeds the scorer memories and the buffer before the restart
+    re-fits the scorer (not after, which would undo the re-fit), and only once."""
+    from streamtta.detectors.meta import ReAdapter
+    from streamtta.engine import StreamState
+    from streamtta.simulations.corruptions import corrupt
+
+    d = load_digits_32()
+    n, cp = 1664, 20 * 64 + 24
+    x = np.stack([d.x_test[i % len(d.x_test)] for i in range(n)]).astype(np.float32)
+    x[cp:] = corrupt(x[cp:], "contrast", 5, 0)
+    vals = [encode_tensor(x[i], "cam") for i in range(n)]
+    calls = []
+    learn, shift = StreamState.learn_scores, ReAdapter.on_shift
+    monkeypatch.setattr(StreamState, "learn_scores", lambda self, *a: (calls.append(("learn", self.batch_index)),
+                                                                        learn(self, *a))[1])
+    monkeypatch.setattr(ReAdapter, "on_shift", lambda self, *a, **k: (calls.append(("restart", len(self))),
+                                                                       shift(self, *a, **k))[1])
+    cfg = load_config(overrides={"engine": {"batch_size": 64, "checkpoint_dir": str(tmp_path / "ck")},
+                                 "monitor": {"readapt_options": {"restart": True, "steps": 1}},
+                                 "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
+    eng, out = make_engine(cfg, MemorySource(vals, topic="t"), Components(cfg, *model_meta))
+    eng.run()
+    i = calls.index(next(c for c in calls if c[0] == "restart"))
+    assert calls[i - 1] == ("learn", 20) and calls[i + 1] == ("learn", 21)  # batch 20 learned once, before
+    assert calls[i][1] > 0  # the buffer already held batches up to the shift batch
+    alert = next(a for a in out.alerts[0].values if a["kind"] == "covariate_shift")
+    assert alert["evidence"]["onset_split"]["onset_index"] in (23, 24, 25)
+    assert alert["action"] in ("readapted", "rolled_back")

@@ -209,7 +209,22 @@ def test_readapter_buffer_is_bounded_and_stateful():
     split_only = ReAdapter()  # without the restart nothing reads the buffer: it stays empty
     split_only.observe(torch.ones(16, 1, 4, 4))
     assert len(split_only) == 0 and split_only.n_observed_batches == 1
-    assert ReAdapter({}).on_shift(FakeAdapter(tiny_net()))["action"] == "kept"  # no restart by default
+    assert ReAdapter({}).on_shift(FakeAdapter(tiny_net()))["action"] == "none"  # no restart by default
     assert ReAdapter({"1.weight": torch.ones(6)}, restart=True).on_shift(FakeAdapter(tiny_net()))["action"] == "skipped"
     with pytest.raises(ValueError, match="meta-initialisation"):
         ReAdapter(None, restart=True)
+
+
+def test_restored_state_keeps_the_configured_meta_init_and_drops_a_stale_buffer():
+    init = {"1.weight": torch.ones(6), "1.bias": torch.zeros(6)}
+    split_only = ReAdapter()
+    split_only.observe(torch.ones(16, 1, 4, 4))
+    restarter = ReAdapter(init, restart=True)
+    restarter.load_state_dict(split_only.state_dict())  # a checkpoint written before restart was turned on
+    assert set(restarter.meta_init) == set(init) and restarter.n_observed_batches == 1
+    with_buffer = ReAdapter(init, restart=True)
+    for b in range(3):
+        with_buffer.observe(torch.ones(16, 1, 4, 4))
+    again = ReAdapter()
+    again.load_state_dict(with_buffer.state_dict())  # restart turned off: the old buffer is not kept
+    assert len(with_buffer) == 48 and len(again) == 0

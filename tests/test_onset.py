@@ -74,3 +74,37 @@ def test_reprocess_restarts_from_the_pre_batch_state_and_steps_on_both_parts():
     assert ReAdapter().reprocess(adapter, calm, pre, step) is None
     assert all(torch.equal(a, b) for a, b in zip(before.values(), adapter.state_dict()["model"].values()))
     assert ReAdapter(split_onset=False).reprocess(adapter, x, pre, step) is None
+
+
+def test_wide_vectors_give_the_same_split_as_their_projection():
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(32, 500))
+    v[20:, :50] += 1.5  # a tenth of the features move from sample 20 on
+    onset = OnsetLocator().locate(v)
+    assert onset is not None and abs(onset.index - 20) <= 1
+    # the SVD basis keeps every squared distance: the statistic equals the one on the raw columns
+    z = (v - v.mean(0)) / v.std(0)
+    from streamtta.detectors.onset import _max_split
+    raw, _ = _max_split(z[None], 8, 24, z.shape[1])
+    assert onset.statistic == pytest.approx(float(raw[0]), rel=1e-9)
+
+
+def test_reprocess_adds_up_the_counts_of_both_parts():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3)).eval()
+    adapter = build_adapter("bn", net, num_classes=3)
+    x = torch.rand(64, 1, 8, 8)
+    x[30:] = x[30:] * 0.1 + 2.0 * torch.rand(34, 1, 8, 8)
+    pre = adapter.state_dict()
+    calls = []
+
+    def step(part):
+        out = adapter.step(part)
+        out.info["n_kept"], out.info["guard"] = len(part), f"g{len(calls)}"
+        calls.append(len(part))
+        return out, np.zeros(len(part)), np.zeros(len(part), bool), np.ones(len(part), bool)
+
+    redo = ReAdapter().reprocess(adapter, x, pre, step)
+    assert calls == [30, 34]
+    info = redo.outputs[0].info
+    assert info["n_kept"] == 64 and info["guard"] == "g1" and info["onset_index"] == 30

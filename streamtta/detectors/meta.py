@@ -462,16 +462,19 @@ class Reprocessed:
 
 
 class ReAdapter:
-    """Restart the adapter from the meta-initialisation after a confirmed shift.
+    """What the engine does on a confirmed shift: re-process the batch that holds the change point
+    (:meth:`reprocess`) and, with ``restart``, restart the adapter from the meta-initialisation
+    (:meth:`on_shift`).
 
     Parameters
     ----------
     meta_init
-        ``{parameter name: tensor}`` from :func:`meta_train` / :func:`load_meta_init`.
+        ``{parameter name: tensor}`` from :func:`meta_train` / :func:`load_meta_init`; needed only with
+        ``restart`` (it is configuration, loaded from file: not part of :meth:`state_dict`).
     steps, lr
-        Adam steps on the buffer and their learning rate.
+        Adam steps on the buffer and their learning rate (``restart`` only).
     buffer_size
-        Maximum number of recent ID-accepted inputs kept.
+        Maximum number of recent ID-accepted inputs kept (``restart`` only).
     batch_size
         Minibatch size of the re-adaptation steps.
     recent_batches
@@ -627,7 +630,8 @@ class ReAdapter:
         >>> ra = ReAdapter({})
         >>> x = torch.rand(64, 1, 8, 8); x[40:] = x[40:] * 0.2 + torch.randn(24, 1, 8, 8)  # new domain from 40 on
         >>> pre = adapter.state_dict(); _ = adapter.step(x)
-        >>> step = lambda part: (adapter.step(part), torch.zeros(len(part)), torch.zeros(len(part), dtype=torch.bool), None)
+        >>> ok = lambda n: np.ones(n, dtype=bool)
+        >>> step = lambda part: (adapter.step(part), np.zeros(len(part)), ~ok(len(part)), ok(len(part)))
         >>> redo = ra.reprocess(adapter, x, pre, step)
         >>> redo.evidence["onset_index"], redo.outputs[0].logits.shape
         (40, torch.Size([64, 3]))
@@ -641,13 +645,19 @@ class ReAdapter:
         adapter.load_state_dict(pre_state)
         parts = [step(x[:i]), step(x[i:])]
         (o1, s1, f1, k1), (o2, s2, f2, k2) = parts
+        info: dict[str, Any] = dict(o1.info)
+        for key, v in o2.info.items():  # counts add up; anything else: the later part's value
+            old = info.get(key)
+            both_counts = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in (old, v))
+            info[key] = old + v if both_counts else v
+        info["onset_index"] = i
         out = StepOutput(
             logits=torch.cat([o1.logits, o2.logits]), features=torch.cat([o1.features, o2.features]),
             update_mask=torch.cat([o1.update_mask, o2.update_mask]),
             loss=None if o1.loss is None and o2.loss is None else float(np.nanmean(
                 [np.nan if o.loss is None else o.loss for o in (o1, o2)])),
-            reset=bool(o1.reset or o2.reset), info={**o2.info, "onset_index": i})
-        keep = None if k1 is None or k2 is None else np.concatenate([np.asarray(k1), np.asarray(k2)])
+            reset=bool(o1.reset or o2.reset), info=info)
+        keep = np.concatenate([np.asarray(k1, dtype=bool), np.asarray(k2, dtype=bool)])
         evidence = {"onset_index": i, "batch_size": int(len(x)), "statistic": round(onset.statistic, 3),
                     "p_value": onset.p_value}
         return Reprocessed((out, np.concatenate([np.asarray(s1), np.asarray(s2)]),
@@ -657,9 +667,7 @@ class ReAdapter:
                  event: Any | None = None) -> dict[str, Any]:
         """Re-adapt after a confirmed shift; returns what was done and the proxies before/after."""
         if not self.restart:
-            result = {"action": "kept", "reason": "restart disabled"}
-            self.history.append(result)
-            return result
+            return {"action": "none", "reason": "restart disabled"}
         since = getattr(event, "onset_batch", None) if event is not None else None
         x = self._select(since)
         if len(x) == 0:
@@ -749,10 +757,12 @@ class ReAdapter:
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": [(b, x.clone()) for b, x in self.buffer], "n_observed_batches": self.n_observed_batches,
-                "meta_init": {k: v.clone() for k, v in self.meta_init.items()}, "history": list(self.history)}
+                "history": list(self.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.buffer = deque((int(b), torch.as_tensor(x).clone()) for b, x in state["buffer"])
+        """Restore buffer, batch count and history (the meta-initialisation stays the constructor's; a
+        buffer saved with ``restart`` is dropped when this re-adapter has none)."""
+        self.buffer = (deque((int(b), torch.as_tensor(x).clone()) for b, x in state["buffer"]) if self.restart
+                       else deque())
         self.n_observed_batches = int(state["n_observed_batches"])
-        self.meta_init = {k: torch.as_tensor(v).clone() for k, v in state["meta_init"].items()}
         self.history = list(state.get("history", []))

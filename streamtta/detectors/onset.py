@@ -63,9 +63,10 @@ def sample_descriptors(x: Any) -> np.ndarray:
     return np.concatenate(cols, axis=1)
 
 
-def _max_split(z: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best split statistic and position (prefix length in ``[lo, hi]``) for each order in ``z`` (P, B, F)."""
-    p, b, f = z.shape
+def _max_split(z: np.ndarray, lo: int, hi: int, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best split statistic and position (prefix length in ``[lo, hi]``) for each order in ``z`` (P, B, F'),
+    normalised by ``f`` descriptors."""
+    p, b, _ = z.shape
     full = np.cumsum(z, axis=1)
     cum = full[:, lo - 1:hi, :]                             # sums of the prefixes of length lo..hi
     t = np.arange(lo, hi + 1, dtype=np.float64)
@@ -91,7 +92,7 @@ class OnsetLocator:
         Seed of the permutations (deterministic results).
     """
 
-    def __init__(self, min_segment: int = 16, permutations: int = 199, alpha: float = 0.01, seed: int = 0) -> None:
+    def __init__(self, min_segment: int = 8, permutations: int = 199, alpha: float = 0.01, seed: int = 0) -> None:
         if min_segment < 1 or permutations < 1 or not 0.0 < alpha < 1.0:
             raise ValueError(f"need min_segment >= 1, permutations >= 1, 0 < alpha < 1; got {min_segment}, "
                              f"{permutations}, {alpha}")
@@ -111,11 +112,16 @@ class OnsetLocator:
         if not keep.any():
             return None
         z = (d[:, keep] - d[:, keep].mean(0)) / sd[keep]
+        f = z.shape[1]
+        if f > b:  # wide vectors: the batch's own orthonormal basis keeps every squared distance, in b columns
+            u, sv, _ = np.linalg.svd(z, full_matrices=False)
+            z = u * sv
         lo, hi = self.min_segment, b - self.min_segment
-        stat, pos = _max_split(z[None], lo, hi)
+        stat, pos = _max_split(z[None], lo, hi, f)
         rng = np.random.default_rng(self.seed)
         perms = np.argsort(rng.random((self.permutations, b)), axis=1)
-        null, _ = _max_split(z[perms], lo, hi)
+        chunk = max(1, (1 << 22) // (b * z.shape[1]))  # bounded memory: ~32 MB per array
+        null = np.concatenate([_max_split(z[perms[i:i + chunk]], lo, hi, f)[0] for i in range(0, len(perms), chunk)])
         p_value = float((1 + int((null >= stat[0]).sum())) / (1 + self.permutations))
         if p_value >= self.alpha:
             return None
