@@ -236,16 +236,15 @@ class Components:
 
                 holdout = source_holdout(meta)
             self._calibrate(self.source_train(), holdout)
-        self.meta_init = None
-        if cfg.monitor.readapt and cfg.monitor.readapt_options.get("restart", False):
-            from streamtta.detectors.meta import load_meta_init
+        #: copied for every stream; built here so that a bad readapt option fails now, not at the first stream
+        self.base_readapter: Any | None = None
+        if cfg.monitor.readapt:
+            from streamtta.detectors.meta import ReAdapter, load_meta_init
 
-            self.meta_init = load_meta_init(cfg.model.source or "digits-resnet")
-        if cfg.monitor.readapt:  # a typo in readapt_options fails here, not at the first stream
-            from streamtta.detectors.meta import ReAdapter
-
+            meta_init = (load_meta_init(cfg.model.source or "digits-resnet")
+                         if cfg.monitor.readapt_options.get("restart", False) else None)
             try:
-                ReAdapter(self.meta_init, **cfg.monitor.readapt_options)
+                self.base_readapter = ReAdapter(meta_init, **cfg.monitor.readapt_options)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"monitor.readapt_options: {e}") from None
 
@@ -319,11 +318,7 @@ class Components:
                                 **mon_cfg.options)
                    if mon_cfg.enabled else None)
         policy = AlertPolicy(cooldown_batches=self.cfg.alerts.cooldown_batches)
-        readapter = None
-        if mon_cfg.enabled and mon_cfg.readapt:
-            from streamtta.detectors.meta import ReAdapter
-
-            readapter = ReAdapter(self.meta_init, **mon_cfg.readapt_options)
+        readapter = copy.deepcopy(self.base_readapter) if mon_cfg.enabled and self.base_readapter is not None else None
         burst = OODBurstRule(**mon_cfg.burst) if mon_cfg.enabled and mon_cfg.burst is not None else None
         novelty = copy.deepcopy(self.base_novelty) if mon_cfg.enabled and mon_cfg.novelty else None
         gate_scorer = copy.deepcopy(self.base_gate_scorer) if self.base_gate_scorer is not None else None
@@ -528,32 +523,30 @@ class Engine:
         # that is the evidence a shift is confirmed on
         signals = {**batch_signals(scores, flags, out.entropy.numpy(), unknown_hits), **input_signals(x)}
         shift_kind: str | None = None
-        learned = False
-        if st.monitor is not None:
-            ev = st.monitor.update(signals, st.batch_index)
-            if ev is not None:
-                events.append(ev)
-                shift_kind = ev.alert_kind
-                if st.readapter is not None:
-                    redo = None
-                    if pre_state is not None:  # if the change point lies inside this batch: process it in two parts
-                        tr = time.perf_counter()
-                        redo = st.readapter.reprocess(st.adapter, x, pre_state, lambda xs: st.step(xs, feed=False))
-                        if redo is not None:
-                            out, scores, flags, keep = redo.outputs
-                            ev.evidence["onset_split"] = redo.evidence
-                            ev.evidence["readaptation"] = {"action": "onset_split"}
-                        step_s += time.perf_counter() - tr
-                    if st.readapter.restart:
-                        # the restart re-fits the scorer: it must have learned this batch first, and its buffer
-                        # must hold this batch
-                        tl = time.perf_counter()
-                        st.learn_scores(out.features, out.logits, torch.from_numpy(keep))
-                        st.readapter.observe(x[torch.from_numpy(keep)], st.batch_index)
-                        step_s += time.perf_counter() - tl
-                        learned = True
-                        ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer, st.monitor, ev)
-                    st.monitor.reset_reference()
+        ev = st.monitor.update(signals, st.batch_index) if st.monitor is not None else None
+        if ev is not None:
+            events.append(ev)
+            shift_kind = ev.alert_kind
+            if pre_state is not None:  # if the change point lies inside this batch: process it in two parts
+                tr = time.perf_counter()
+                redo = st.readapter.reprocess(st.adapter, x, pre_state, lambda xs: st.step(xs, feed=False))
+                if redo is not None:
+                    out, scores, flags, keep = redo.outputs
+                    ev.evidence["onset_split"] = redo.evidence
+                    ev.evidence["readaptation"] = {"action": "onset_split"}
+                step_s += time.perf_counter() - tr
+        # online scorer updates and the re-adapter's buffer from the batch's final outputs (after a
+        # re-processing, the two-part ones), before a meta restart re-fits the scorer
+        tl = time.perf_counter()
+        accepted = torch.from_numpy(keep)
+        st.learn_scores(out.features, out.logits, accepted)
+        if st.readapter is not None:
+            st.readapter.observe(x[accepted], st.batch_index)
+        step_s += time.perf_counter() - tl
+        if ev is not None and st.readapter is not None:
+            if st.readapter.restart:
+                ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer, st.monitor, ev)
+            st.monitor.reset_reference()
         if st.burst is not None:  # on the reported flags
             burst = st.burst.update(float(np.mean(flags)), st.batch_index)
             if burst is not None:
@@ -563,13 +556,6 @@ class Engine:
                                           evidence={k: v for k, v in out.info.items() if _jsonable(v)}))
         alerts = st.policy.process(events, stream_id=stream_id, offsets=rng, batch_index=st.batch_index,
                                    signals=signals)
-        # online scorer updates from the batch's final outputs (after a re-processing, the two-part ones)
-        if not learned:
-            tl = time.perf_counter()
-            st.learn_scores(out.features, out.logits, torch.from_numpy(keep))
-            if st.readapter is not None:
-                st.readapter.observe(x[torch.from_numpy(keep)], st.batch_index)
-            step_s += time.perf_counter() - tl
         self.step_time_s += step_s
         conf, pred_idx = out.logits.softmax(1).max(1)
         entropy = out.entropy.numpy()

@@ -643,8 +643,7 @@ class ReAdapter:
             return None
         i = onset.index
         adapter.load_state_dict(pre_state)
-        parts = [step(x[:i]), step(x[i:])]
-        (o1, s1, f1, k1), (o2, s2, f2, k2) = parts
+        (o1, s1, f1, k1), (o2, s2, f2, k2) = step(x[:i]), step(x[i:])
         info: dict[str, Any] = dict(o1.info)
         for key, v in o2.info.items():  # counts add up; anything else: the later part's value
             old = info.get(key)
