@@ -107,6 +107,10 @@ class MonitorConfig(Section):
     readapt_options: dict[str, Any] = Field(default_factory=dict,
                                             description="ReAdapter settings (split_onset, restart, steps, lr, "
                                                         "decay_batches, ...).")
+    hold_batches: int = Field(1, ge=0, le=8, description="With readapt: hold each batch's predictions until N "
+                              "more batches are processed (or a poll brings nothing), so that a shift confirmed up "
+                              "to N batches late can still re-process the batch it began in. Adds up to N batches "
+                              "of latency to predictions (not to alerts); 0 = none.")
     burst: dict[str, Any] | None = Field(default_factory=dict, description="OOD-burst rule options (level, "
                                          "n_batches); null disables the rule.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra ShiftMonitor options.")

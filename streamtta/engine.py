@@ -12,18 +12,24 @@ offline simulations take exactly the live code path). Per batch of records:
    and keeps OOD-flagged samples out of every update;
 4. **OOD scorer** (higher = more OOD);
 5. **shift monitor** on batch-level signals (OOD rate, mean entropy of accepted-ID samples, mean score),
-   **re-adaptation** on a confirmed shift (the batch that holds the change point is processed again, in
-   two parts, from the adapter state before it; optionally a restart from the meta-initialisation),
-   **alert policy** (cooldown: one shift, one alert); online scorer update from the ID-accepted samples of
-   the batch's final outputs;
-6. **sinks**: predictions (id = f(topic, partition, offset)), alerts (topic + JSONL);
+   **re-adaptation** on a confirmed shift (the batch that holds the change point -- this one or one still
+   held, see below -- is processed again, in two parts, from the adapter state before it; optionally a
+   restart from the meta-initialisation), **alert policy** (cooldown: one shift, one alert), sent at once;
+   online scorer update from the ID-accepted samples of the batch's final outputs;
+6. **sinks**: predictions (id = f(topic, partition, offset)), alerts (topic + JSONL). With re-adaptation,
+   a batch's predictions are *held* until ``monitor.hold_batches`` (default 1) more batches of its stream
+   are processed, or until a poll brings nothing: a shift confirmed one batch late (most changes near the
+   end of a batch are) still re-processes the batch it began in. A held batch that is re-processed gets
+   the new predictions and keeps the scores it was first given (the scorer memories learned them);
 7. after the whole batch: **flush** every sink, **checkpoint** the touched states atomically, and only then
-   **commit** ``last processed offset + 1`` per partition.
+   **commit** ``last processed offset + 1`` per partition -- never past a record whose predictions are held.
 
 Crash semantics: outputs are flushed before the checkpoint and the checkpoint (which stores the next
 offset per partition) before the commit. On restart, records at offsets the restored checkpoint already
 covers are skipped, so a crash between checkpoint and commit repeats nothing; a crash between flush and
-checkpoint repeats at most one batch of outputs (with identical deterministic ids).
+checkpoint repeats at most one batch of outputs (with identical deterministic ids). Held records are not
+committed; the checkpoint carries their predictions as they stand, and a restart writes those before
+anything else (the delivered-again records are then skipped like any checkpointed ones).
 """
 from __future__ import annotations
 
@@ -112,6 +118,24 @@ def _score_and_flag(scorer: Any, features: torch.Tensor, logits: torch.Tensor,
 
 
 @dataclass
+class _Batch:
+    """One processed batch until its outputs are written."""
+
+    items: list[tuple[RawRecord, Sample]]
+    x: torch.Tensor
+    pre_state: dict[str, Any] | None
+    out: StepOutput
+    scores: np.ndarray
+    flags: np.ndarray
+    keep: np.ndarray
+    batch_index: int
+    t0: float
+    step_s: float
+    offsets: OffsetRange
+    shift: str | None = None
+
+
+@dataclass
 class StreamState:
     key: str
     adapter: Any
@@ -125,6 +149,9 @@ class StreamState:
     batch_index: int = 0
     n_samples: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    #: processed batches whose predictions wait (``monitor.hold_batches``); their records are not committed;
+    #: a checkpoint carries their predictions as they stand (written on restore)
+    held: list["_Batch"] = field(default_factory=list)
 
     def score(self, features: torch.Tensor, logits: torch.Tensor,
               feed: bool = True) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -400,10 +427,14 @@ class Engine:
         if st is None:
             st = self.components.new_state(key)
             saved = self.store.load(key) if self.store is not None else None
+            self.states[key] = st
             if saved is not None:
                 st.load_state_dict(saved)
                 log.info("restored state %s at batch %d", key, st.batch_index)
-            self.states[key] = st
+                held = saved.get("held_predictions") or []
+                if held:
+                    self._write_predictions(st, held)
+                    log.info("wrote %d held predictions of %s from its checkpoint", len(held), key)
         return st
 
     # -- main loop ---------------------------------------------------------------------------
@@ -425,6 +456,8 @@ class Engine:
                 if max_records is not None and self.records_seen >= max_records:
                     break
                 continue
+            if any(st.held for st in self.states.values()):  # nothing came: held outputs go out now
+                self._finish_batch(force=True)
             if kcfg.stop_at_end and self.source.at_end():
                 break
             if kcfg.idle_timeout_s is not None and time.monotonic() - last_data > kcfg.idle_timeout_s:
@@ -500,7 +533,6 @@ class Engine:
 
     # -- one group = one adapter step ---------------------------------------------------------
     def _process_group(self, st: StreamState, items: list[tuple[RawRecord, Sample]], t0: float) -> None:
-        comp = self.components
         x = torch.from_numpy(np.stack([s.x for _, s in items]).astype(np.float32, copy=False))
         ts = time.perf_counter()
         # a re-adapter that may process this batch again after a shift needs the state before it (not while
@@ -512,7 +544,10 @@ class Engine:
         step_s = time.perf_counter() - ts
 
         first, last = items[0][0], items[-1][0]
-        rng = OffsetRange(topic=last.topic, partition=last.partition, first=first.offset, last=last.offset)
+        cur = _Batch(items=items, x=x, pre_state=pre_state, out=out, scores=scores, flags=flags, keep=keep,
+                     batch_index=st.batch_index, t0=t0, step_s=step_s,
+                     offsets=OffsetRange(topic=last.topic, partition=last.partition, first=first.offset,
+                                         last=last.offset))
         stream_id = items[-1][1].stream_id
         events: list[Any] = []
         unknown_hits = None
@@ -522,77 +557,135 @@ class Engine:
         # the monitor, the novelty detector and the adaptive thresholds see the batch as first processed:
         # that is the evidence a shift is confirmed on
         signals = {**batch_signals(scores, flags, out.entropy.numpy(), unknown_hits), **input_signals(x)}
-        shift_kind: str | None = None
         ev = st.monitor.update(signals, st.batch_index) if st.monitor is not None else None
         if ev is not None:
             events.append(ev)
-            shift_kind = ev.alert_kind
-            if pre_state is not None:  # if the change point lies inside this batch: process it in two parts
+            cur.shift = ev.alert_kind
+            if st.readapter is not None:  # if the change point lies in this batch or a held one: re-process
                 tr = time.perf_counter()
-                redo = st.readapter.reprocess(st.adapter, x, pre_state, lambda xs: st.step(xs, feed=False))
-                if redo is not None:
-                    out, scores, flags, keep = redo.outputs
-                    ev.evidence["onset_split"] = redo.evidence
+                evidence = self._reprocess(st, cur)
+                if evidence is not None:
+                    ev.evidence["onset_split"] = evidence
                     ev.evidence["readaptation"] = {"action": "onset_split"}
-                step_s += time.perf_counter() - tr
+                cur.step_s += time.perf_counter() - tr
         # online scorer updates and the re-adapter's buffer from the batch's final outputs (after a
-        # re-processing, the two-part ones), before a meta restart re-fits the scorer
+        # re-processing, the split ones), before a meta restart re-fits the scorer
         tl = time.perf_counter()
-        accepted = torch.from_numpy(keep)
-        st.learn_scores(out.features, out.logits, accepted)
+        accepted = torch.from_numpy(cur.keep)
+        st.learn_scores(cur.out.features, cur.out.logits, accepted)
         if st.readapter is not None:
             st.readapter.observe(x[accepted], st.batch_index)
-        step_s += time.perf_counter() - tl
+        cur.step_s += time.perf_counter() - tl
+        st.held.append(cur)
         if ev is not None and st.readapter is not None:
             if st.readapter.restart:
                 ev.evidence["readaptation"] = st.readapter.on_shift(st.adapter, st.scorer, st.monitor, ev)
             st.monitor.reset_reference()
         if st.burst is not None:  # on the reported flags
-            burst = st.burst.update(float(np.mean(flags)), st.batch_index)
+            burst = st.burst.update(float(np.mean(cur.flags)), st.batch_index)
             if burst is not None:
                 events.append(burst)
-        if out.reset:
-            events.append(GuardResetEvent(batch_index=st.batch_index, reason=str(out.info.get("guard", "")),
-                                          evidence={k: v for k, v in out.info.items() if _jsonable(v)}))
-        alerts = st.policy.process(events, stream_id=stream_id, offsets=rng, batch_index=st.batch_index,
-                                   signals=signals)
-        self.step_time_s += step_s
-        conf, pred_idx = out.logits.softmax(1).max(1)
-        entropy = out.entropy.numpy()
-        preds = [comp.classes[i] for i in pred_idx.tolist()]
-
-        # predictions
-        psink = self.outputs.predictions
-        if psink is not None:
-            c = conf.tolist()
-            for i, (rec, s) in enumerate(items):
-                psink.write(s.stream_id, {
-                    "id": deterministic_id("prediction", rec.topic, rec.partition, rec.offset),
-                    "topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
-                    "stream_id": s.stream_id, "pred": preds[i], "confidence": round(c[i], 6),
-                    "ood_score": round(float(scores[i]), 6), "ood": bool(flags[i]),
-                    "entropy": round(float(entropy[i]), 6), "batch_index": st.batch_index,
-                    "event_time": s.event_time,
-                })
-        for a in alerts:
+        if cur.out.reset:
+            events.append(GuardResetEvent(batch_index=st.batch_index, reason=str(cur.out.info.get("guard", "")),
+                                          evidence={k: v for k, v in cur.out.info.items() if _jsonable(v)}))
+        # alerts go out now; only predictions wait while their batch is held
+        for a in st.policy.process(events, stream_id=stream_id, offsets=cur.offsets, batch_index=st.batch_index,
+                                   signals=signals):
             self._emit_alert(a)
-
-        if self.runlog is not None:
-            self.runlog.append(BatchRecord(
-                index=len(self.runlog.batches), stream_id=stream_id, topic=last.topic, partition=last.partition,
-                first_offset=first.offset, last_offset=last.offset, offsets=[r.offset for r, _ in items],
-                preds=preds, labels=[s.label for _, s in items], ood_scores=scores.tolist(),
-                ood_flags=flags.tolist(), is_unknown=[s.is_unknown for _, s in items],
-                domains=[s.domain for _, s in items], entropy=entropy.tolist(),
-                updated=out.update_mask.tolist(), latency_s=time.perf_counter() - t0, step_s=step_s,
-                shift=shift_kind, reset=out.reset, info={k: v for k, v in out.info.items() if _jsonable(v)},
-            ))
-        for r, _ in items:
-            tp = (r.topic, r.partition)
-            st.next_offsets[tp] = max(st.next_offsets.get(tp, -1), r.offset + 1)
         st.batch_index += 1
         st.n_samples += len(items)
         self.samples_processed += len(items)
+        while len(st.held) > self._hold(st):
+            self._emit(st, st.held.pop(0))
+
+    def _hold(self, st: StreamState) -> int:
+        """Batches whose outputs wait for the next ones (only useful with a re-adapter that can split)."""
+        ok = st.readapter is not None and st.readapter.needs_pre_state
+        return self.cfg.monitor.hold_batches if ok else 0
+
+    def _reprocess(self, st: StreamState, cur: "_Batch") -> dict[str, Any] | None:
+        """Look for the change point in the held batches and ``cur`` and, if found, step again from the state
+        before the batch holding it, in two parts. The outputs of ``cur`` are replaced; a held batch, which
+        the scorer memories have already learned, gets the new predictions and keeps its first scores and
+        flags (scored again, its samples would match themselves in the memories). Returns the alert
+        evidence, or None (nothing changed)."""
+        cands = st.held + [cur]
+        start = next((i for i, b in enumerate(cands) if b.pre_state is not None), None)
+        if start is None:
+            return None
+        group = cands[start:]
+        redo = st.readapter.reprocess(st.adapter, [b.x for b in group], [b.pre_state for b in group],
+                                      lambda part: st.step(part, feed=False))
+        if redo is None:
+            return None
+        out, scores, flags, keep = redo.outputs
+        evidence = dict(redo.evidence)
+        first, onset_batch = evidence.pop("first_batch", 0), evidence.pop("onset_batch", 0)
+        evidence.pop("n_batches", None)
+        evidence["onset_batch"] = group[onset_batch].batch_index
+        evidence["batches"] = [b.batch_index for b in group[first:]]
+        at = 0
+        for pos, b in enumerate(group[first:], start=first):
+            sl = slice(at, at + len(b.items))
+            info = dict(out.info if b is cur else b.out.info)
+            info.pop("onset_index", None)
+            if pos == onset_batch:
+                info["onset_index"] = evidence["onset_index"]
+            b.out = StepOutput(logits=out.logits[sl], features=out.features[sl], update_mask=out.update_mask[sl],
+                               loss=out.loss, reset=b.out.reset or (b is cur and out.reset), info=info)
+            if b is cur:
+                b.scores, b.flags, b.keep = scores[sl], flags[sl], keep[sl]
+            at += len(b.items)
+        return evidence
+
+    def _prediction_docs(self, b: "_Batch") -> list[dict[str, Any]]:
+        """The prediction records of a batch (id = f(topic, partition, offset))."""
+        conf, pred_idx = b.out.logits.softmax(1).max(1)
+        preds = [self.components.classes[i] for i in pred_idx.tolist()]
+        entropy = b.out.entropy.tolist()
+        return [{
+            "id": deterministic_id("prediction", rec.topic, rec.partition, rec.offset),
+            "topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+            "stream_id": s.stream_id, "pred": preds[i], "confidence": round(c, 6),
+            "ood_score": round(float(b.scores[i]), 6), "ood": bool(b.flags[i]),
+            "entropy": round(float(entropy[i]), 6), "batch_index": b.batch_index, "event_time": s.event_time,
+        } for i, ((rec, s), c) in enumerate(zip(b.items, conf.tolist()))]
+
+    def _write_predictions(self, st: StreamState, docs: list[dict[str, Any]]) -> None:
+        """Write prediction records; their offsets become done (skipped if delivered again) and committable."""
+        psink = self.outputs.predictions
+        for doc in docs:
+            if psink is not None:
+                psink.write(doc["stream_id"], doc)
+            tp = (doc["topic"], doc["partition"])
+            st.next_offsets[tp] = max(st.next_offsets.get(tp, -1), doc["offset"] + 1)
+            self._pending_commit[tp] = max(self._pending_commit.get(tp, -1), doc["offset"] + 1)
+
+    def _emit(self, st: StreamState, b: "_Batch") -> None:
+        """Write a batch's predictions and run-log record; its offsets become committable."""
+        out, scores, flags, items = b.out, b.scores, b.flags, b.items
+        self.step_time_s += b.step_s
+        docs = self._prediction_docs(b)
+        self._write_predictions(st, docs)
+        preds = [d["pred"] for d in docs]
+        entropy = out.entropy.numpy()
+        if self.runlog is not None:
+            rng = b.offsets
+            self.runlog.append(BatchRecord(
+                index=len(self.runlog.batches), stream_id=items[-1][1].stream_id, topic=rng.topic,
+                partition=rng.partition, first_offset=rng.first, last_offset=rng.last,
+                offsets=[r.offset for r, _ in items], preds=preds, labels=[s.label for _, s in items],
+                ood_scores=np.asarray(scores, dtype=np.float64).tolist(), ood_flags=np.asarray(flags).tolist(),
+                is_unknown=[s.is_unknown for _, s in items], domains=[s.domain for _, s in items],
+                entropy=entropy.tolist(), updated=out.update_mask.tolist(), latency_s=time.perf_counter() - b.t0,
+                step_s=b.step_s, shift=b.shift, reset=out.reset,
+                info={k: v for k, v in out.info.items() if _jsonable(v)},
+            ))
+
+    def _emit_held(self) -> None:
+        for st in self.states.values():
+            while st.held:
+                self._emit(st, st.held.pop(0))
 
     def _dead_letter_alert(self, bad: list[tuple[RawRecord, str]]) -> None:
         first, last = bad[0][0], bad[-1][0]
@@ -613,16 +706,29 @@ class Engine:
 
     # -- flush, checkpoint, commit -------------------------------------------------------------
     def _finish_batch(self, *, force: bool) -> None:
+        if force:  # end of the run or a revocation: nothing stays held
+            self._emit_held()
         if not self._pending_commit:
             return
         if not force and self._batches_since_ckpt < self.cfg.engine.checkpoint_every:
             return
+        for st in self.states.values():  # never commit past a record whose outputs are still held
+            for b in st.held:
+                for r, _ in b.items:
+                    tp = (r.topic, r.partition)
+                    if tp in self._pending_commit:
+                        self._pending_commit[tp] = min(self._pending_commit[tp], r.offset)
         for sink in self.outputs.all():
             sink.flush()
         if self.store is not None:
             for key in sorted(self._dirty):
                 if key in self.states:
-                    self.store.save(key, self.states[key].state_dict())
+                    st = self.states[key]
+                    state = st.state_dict()
+                    # held predictions travel with the state that has adapted on their records: a restart
+                    # writes them instead of adapting on those records a second time
+                    state["held_predictions"] = [d for b in st.held for d in self._prediction_docs(b)]
+                    self.store.save(key, state)
         self._dirty.clear()
         self.source.commit(dict(self._pending_commit))
         self._pending_commit.clear()

@@ -81,7 +81,8 @@ def test_restart_from_checkpoint_skips_what_was_already_output(tmp_path, model_m
     eng2, out2 = make_engine(cfg, src2, comps, store=store)
     eng2.run()
     second = [p["offset"] for p in out2.predictions.values]
-    assert eng2.skipped == 32
+    # the 32 committed-lost records, and the held batch (its predictions come from the checkpoint)
+    assert cfg.monitor.hold_batches == 1 and eng2.skipped == 32 + 16
     assert sorted(first | set(second)) == list(range(160)) and not (first & set(second))
     # the restored adaptation state is the checkpointed one, not a fresh one
     st = eng2.states["t:0"]
@@ -215,3 +216,67 @@ def test_restart_learns_the_batch_before_the_scorer_is_refit(tmp_path, model_met
     alert = next(a for a in out.alerts[0].values if a["kind"] == "covariate_shift")
     assert alert["evidence"]["onset_split"]["onset_index"] in (23, 24, 25)
     assert alert["action"] in ("readapted", "rolled_back")
+
+
+def test_held_batch_is_reprocessed_when_the_shift_is_confirmed_one_batch_late(tmp_path, model_meta):
+    """With ``monitor.hold_batches=1`` a change 10 samples before the end of batch 20, confirmed only on
+    batch 21, is still split: batch 20 gets two-part predictions and keeps its first-pass scores."""
+    from streamtta.simulations.corruptions import corrupt
+
+    d = load_digits_32()
+    n, cp = 1664, 20 * 64 + 54
+    x = np.stack([d.x_test[i % len(d.x_test)] for i in range(n)]).astype(np.float32)
+    y = np.array([int(d.y_test[i % len(d.x_test)]) for i in range(n)])
+    x[cp:] = corrupt(x[cp:], "contrast", 5, 0)
+    vals = [encode_tensor(x[i], "cam", label=int(y[i]), is_unknown=bool(y[i] >= 8)) for i in range(n)]
+    logs, alerts = {}, {}
+    for hold in (0, 1):
+        cfg = load_config(overrides={"engine": {"batch_size": 64, "checkpoint_dir": str(tmp_path / f"ck{hold}")},
+                                     "monitor": {"hold_batches": hold},
+                                     "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
+        logs[hold] = log = RunLog()
+        src = MemorySource(vals, topic="t")
+        eng, out = make_engine(cfg, src, Components(cfg, *model_meta), runlog=log)
+        eng.run()
+        assert sorted(p["offset"] for p in out.predictions.values) == list(range(n)) and src.committed == {("t", 0): n}
+        assert [b.first_offset for b in log.batches] == list(range(0, n, 64))  # emitted in order
+        alerts[hold] = next(a for a in out.alerts[0].values if a["kind"] == "covariate_shift")
+    assert logs[0].batches[21].shift == logs[1].batches[21].shift == "covariate_shift"  # one batch late
+    assert "onset_split" not in alerts[0]["evidence"] and "onset_index" not in logs[0].batches[20].info
+    split = alerts[1]["evidence"]["onset_split"]
+    assert split["onset_batch"] == 20 and abs(split["onset_index"] - 54) <= 1 and split["batches"] == [20, 21]
+    assert logs[1].batches[20].info["onset_index"] == split["onset_index"]
+    # the held batch keeps the scores it was first given (the scorer memories learned them)
+    assert np.allclose(logs[1].batches[20].ood_scores, logs[0].batches[20].ood_scores)
+
+    def known_acc(b):
+        known = [j for j in range(len(b.preds)) if b.labels[j] < 8]
+        return np.mean([b.preds[j] == b.labels[j] for j in known])
+    assert known_acc(logs[1].batches[20]) > known_acc(logs[0].batches[20]) + 0.05
+
+
+def test_held_records_are_never_committed_and_their_predictions_survive_a_crash(tmp_path, model_meta):
+    cfg = cfg_for(tmp_path, spec="bn", bs=16)
+    cfg.monitor.hold_batches = 2
+    comps = Components(cfg, *model_meta)
+    values = digit_values(160)
+    store = CheckpointStore(cfg.engine.checkpoint_dir)
+    src1 = MemorySource(values, topic="t", fail_after=80)
+    eng1, out1 = make_engine(cfg, src1, comps, store=store)
+    with pytest.raises(SimulatedCrash):
+        eng1.run()
+    first = {p["offset"] for p in out1.predictions.values}
+    assert first == set(range(48))  # 5 batches processed, the last 2 held
+    assert src1.committed[("t", 0)] == 48 and len(eng1.states["t:0"].held) == 2
+    held = {p["offset"]: p for b in eng1.states["t:0"].held for p in eng1._prediction_docs(b)}
+    # the restart writes the held predictions from the checkpoint and skips their records: the adapter,
+    # which had adapted on them before the crash, does not adapt on them again
+    src2 = MemorySource(values, topic="t", start_offsets=dict(src1.committed))
+    eng2, out2 = make_engine(cfg, src2, comps, store=store)
+    eng2.run()
+    second = [p["offset"] for p in out2.predictions.values]
+    assert sorted(first | set(second)) == list(range(160)) and not (first & set(second)) and len(second) == 112
+    assert [p for p in out2.predictions.values if p["offset"] in held] == [held[o] for o in sorted(held)]
+    assert eng2.skipped == 32 and src2.committed == {("t", 0): 160}
+    st = eng2.states["t:0"]
+    assert st.held == [] and st.batch_index == 10 and st.n_samples == 160

@@ -108,3 +108,40 @@ def test_reprocess_adds_up_the_counts_of_both_parts():
     assert calls == [30, 34]
     info = redo.outputs[0].info
     assert info["n_kept"] == 64 and info["guard"] == "g1" and info["onset_index"] == 30
+
+
+def test_reprocess_over_held_batches_restarts_from_the_batch_holding_the_change():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3)).eval()
+    adapter = build_adapter("bn", net, num_classes=3)
+    torch.manual_seed(1)
+    batches = [torch.rand(32, 1, 8, 8) for _ in range(3)]
+    pres = []
+    for b in batches:
+        pres.append(adapter.state_dict())
+        adapter.step(b)
+    calls = []
+
+    def step(part):
+        calls.append(len(part))
+        return adapter.step(part), np.zeros(len(part)), np.zeros(len(part), bool), np.ones(len(part), bool)
+
+    def shifted(at):  # the three batches with a new domain from global sample ``at`` on
+        xs = [b.clone() for b in batches]
+        full = torch.cat(xs)
+        full[at:] = full[at:] * 0.1 + 2.0 * torch.rand(len(full) - at, 1, 8, 8)
+        return list(full.split(32))
+
+    # change 20 samples into the middle batch: restart before it, head 20, tail 12 + 32
+    redo = ReAdapter().reprocess(adapter, shifted(52), pres, step)
+    assert calls == [20, 44] and redo.outputs[0].logits.shape == (64, 3)
+    assert (redo.evidence["onset_batch"], redo.evidence["first_batch"], redo.evidence["onset_index"]) == (1, 1, 20)
+    assert redo.evidence["batch_size"] == 32 and redo.evidence["n_batches"] == 3
+    # 4 samples into the last batch: too short a head, it joins the batch before (restart before that one)
+    calls.clear()
+    redo = ReAdapter().reprocess(adapter, shifted(68), pres, step)
+    assert calls == [36, 28] and (redo.evidence["first_batch"], redo.evidence["onset_index"]) == (1, 4)
+    # on a batch boundary nothing is mixed: nothing to do; states must match the batches
+    assert ReAdapter().reprocess(adapter, shifted(64), pres, step) is None
+    with pytest.raises(ValueError, match="one pre-batch state per batch"):
+        ReAdapter().reprocess(adapter, batches, pres[:2], step)

@@ -611,15 +611,22 @@ class ReAdapter:
         """True when :meth:`reprocess` may run: the caller keeps the adapter state before each batch."""
         return self.split_onset
 
-    def reprocess(self, adapter: Any, x: torch.Tensor, pre_state: Mapping[str, Any],
+    def reprocess(self, adapter: Any, x: torch.Tensor | Sequence[torch.Tensor],
+                  pre_state: Mapping[str, Any] | Sequence[Mapping[str, Any] | None],
                   step: Callable[[torch.Tensor], tuple[Any, ...]]) -> "Reprocessed | None":
-        """Process the batch that confirmed a shift again, in two parts, when its change point lies inside it.
+        """Process the batch that holds the change point again, in two parts: before and after it.
 
-        ``pre_state`` is ``adapter.state_dict()`` from before the batch; ``step(x_part)`` runs one
-        (gated, scored) adapter step and returns ``(StepOutput, scores, flags, keep)``. Returns None
-        (adapter untouched) when no change point is found; otherwise the adapter is back at
-        ``pre_state``, has stepped on the part before the change point and then on the part after it,
-        and the concatenated outputs are returned.
+        ``x`` is the batch that confirmed a shift, or a list of consecutive batches whose outputs are not
+        out yet, oldest first (the engine's ``monitor.hold_batches``), with ``pre_state`` the
+        ``adapter.state_dict()`` from before it (before each of them). ``step(x_part)`` runs one (gated,
+        scored) adapter step and returns ``(StepOutput, scores, flags, keep)``. The change point is located
+        over all the batches together. Returns None (adapter untouched) when none is found or it falls on
+        a batch boundary; otherwise the adapter is back at the state before the batch holding it (before
+        the one preceding it, when the change point is under ``min_segment`` samples into its batch), has
+        stepped on the samples before the change point and then on all the samples after it, and the
+        outputs of every batch stepped on again are returned, concatenated; ``evidence["first_batch"]`` is
+        the position in the list of the first of them, ``evidence["onset_batch"]`` that of the batch
+        holding the change point and ``evidence["onset_index"]`` the change point inside it.
 
         >>> import torch
         >>> from torch import nn
@@ -638,12 +645,25 @@ class ReAdapter:
         """
         if not self.split_onset:
             return None
-        onset = self.locator.locate(x)
+        xs = [x] if isinstance(x, torch.Tensor) else list(x)
+        pres = [pre_state] if isinstance(pre_state, Mapping) else list(pre_state)
+        if not xs or len(xs) != len(pres):
+            raise ValueError(f"reprocess needs one pre-batch state per batch, got {len(pres)} for {len(xs)}")
+        onset = self.locator.locate(torch.cat(xs) if len(xs) > 1 else xs[0])
         if onset is None:
             return None
-        i = onset.index
-        adapter.load_state_dict(pre_state)
-        (o1, s1, f1, k1), (o2, s2, f2, k2) = step(x[:i]), step(x[i:])
+        starts = np.cumsum([0] + [len(b) for b in xs])
+        j = int(np.searchsorted(starts, onset.index, side="right")) - 1  # the batch holding the change point
+        i = int(onset.index - starts[j])
+        if i == 0:  # between two batches: neither is mixed
+            return None
+        first = j - 1 if i < self.locator.min_segment and j > 0 else j  # a short head joins the batch before
+        if pres[first] is None:
+            return None
+        adapter.load_state_dict(pres[first])
+        head = torch.cat(xs[first:j] + [xs[j][:i]])
+        tail = torch.cat([xs[j][i:]] + xs[j + 1:])
+        (o1, s1, f1, k1), (o2, s2, f2, k2) = step(head), step(tail)
         info: dict[str, Any] = dict(o1.info)
         for key, v in o2.info.items():  # counts add up; anything else: the later part's value
             old = info.get(key)
@@ -657,8 +677,10 @@ class ReAdapter:
                 [np.nan if o.loss is None else o.loss for o in (o1, o2)])),
             reset=bool(o1.reset or o2.reset), info=info)
         keep = np.concatenate([np.asarray(k1, dtype=bool), np.asarray(k2, dtype=bool)])
-        evidence = {"onset_index": i, "batch_size": int(len(x)), "statistic": round(onset.statistic, 3),
+        evidence = {"onset_index": i, "batch_size": int(len(xs[j])), "statistic": round(onset.statistic, 3),
                     "p_value": onset.p_value}
+        if len(xs) > 1:
+            evidence.update(onset_batch=j, first_batch=first, n_batches=len(xs))
         return Reprocessed((out, np.concatenate([np.asarray(s1), np.asarray(s2)]),
                             np.concatenate([np.asarray(f1), np.asarray(f2)]), keep), evidence)
 
