@@ -108,9 +108,11 @@ class MonitorConfig(Section):
                                             description="ReAdapter settings (split_onset, restart, steps, lr, "
                                                         "decay_batches, ...).")
     hold_batches: int = Field(1, ge=0, le=8, description="With readapt: hold each batch's predictions until N "
-                              "more batches are processed (or a poll brings nothing), so that a shift confirmed up "
-                              "to N batches late can still re-process the batch it began in. Adds up to N batches "
-                              "of latency to predictions (not to alerts); 0 = none.")
+                              "more batches of its partition (or stream) are processed, so that a shift confirmed "
+                              "up to N batches late can still re-process the batch it began in; 0 = no hold. "
+                              "Alerts are not held.")
+    hold_max_s: float = Field(1.0, gt=0, description="Held predictions go out at the latest this long after their "
+                              "batch was processed, or at once when a poll brings nothing.")
     burst: dict[str, Any] | None = Field(default_factory=dict, description="OOD-burst rule options (level, "
                                          "n_batches); null disables the rule.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra ShiftMonitor options.")

@@ -17,19 +17,23 @@ offline simulations take exactly the live code path). Per batch of records:
    restart from the meta-initialisation), **alert policy** (cooldown: one shift, one alert), sent at once;
    online scorer update from the ID-accepted samples of the batch's final outputs;
 6. **sinks**: predictions (id = f(topic, partition, offset)), alerts (topic + JSONL). With re-adaptation,
-   a batch's predictions are *held* until ``monitor.hold_batches`` (default 1) more batches of its stream
-   are processed, or until a poll brings nothing: a shift confirmed one batch late (most changes near the
-   end of a batch are) still re-processes the batch it began in. A held batch that is re-processed gets
-   the new predictions and keeps the scores it was first given (the scorer memories learned them);
+   a batch's predictions are *held* until ``monitor.hold_batches`` (default 1) more batches of its
+   partition (or stream) are processed -- at most ``monitor.hold_max_s`` seconds, and no longer once a
+   poll brings nothing: a shift confirmed one batch late (most changes near the end of a batch are) still
+   re-processes the batch it began in. A held batch that is re-processed gets the new predictions and
+   keeps the scores and flags it was first given (the scorer memories learned them);
 7. after the whole batch: **flush** every sink, **checkpoint** the touched states atomically, and only then
    **commit** ``last processed offset + 1`` per partition -- never past a record whose predictions are held.
 
 Crash semantics: outputs are flushed before the checkpoint and the checkpoint (which stores the next
 offset per partition) before the commit. On restart, records at offsets the restored checkpoint already
 covers are skipped, so a crash between checkpoint and commit repeats nothing; a crash between flush and
-checkpoint repeats at most one batch of outputs (with identical deterministic ids). Held records are not
-committed; the checkpoint carries their predictions as they stand, and a restart writes those before
-anything else (the delivered-again records are then skipped like any checkpointed ones).
+checkpoint repeats the outputs written since the last checkpoint (one batch, plus the held ones), with
+identical deterministic ids -- a held batch re-processed in that window is written again with its
+predictions as checkpointed, before the re-processing. Held records are not committed; the checkpoint
+carries their predictions as they stand, and a restart writes those first (the delivered-again records
+are then skipped like any checkpointed ones). Undecodable records after a held one are not committed
+either: after a crash they are dead-lettered again.
 """
 from __future__ import annotations
 
@@ -133,6 +137,7 @@ class _Batch:
     step_s: float
     offsets: OffsetRange
     shift: str | None = None
+    t_done: float = 0.0
 
 
 @dataclass
@@ -427,14 +432,15 @@ class Engine:
         if st is None:
             st = self.components.new_state(key)
             saved = self.store.load(key) if self.store is not None else None
-            self.states[key] = st
             if saved is not None:
                 st.load_state_dict(saved)
                 log.info("restored state %s at batch %d", key, st.batch_index)
                 held = saved.get("held_predictions") or []
-                if held:
+                if held:  # the next checkpoint records them as written
                     self._write_predictions(st, held)
+                    self._dirty.add(key)
                     log.info("wrote %d held predictions of %s from its checkpoint", len(held), key)
+            self.states[key] = st
         return st
 
     # -- main loop ---------------------------------------------------------------------------
@@ -453,6 +459,7 @@ class Engine:
             if records:
                 last_data = time.monotonic()
                 self.process(records)
+                self._release_held(self.cfg.monitor.hold_max_s)
                 if max_records is not None and self.records_seen >= max_records:
                     break
                 continue
@@ -536,9 +543,10 @@ class Engine:
         x = torch.from_numpy(np.stack([s.x for _, s in items]).astype(np.float32, copy=False))
         ts = time.perf_counter()
         # a re-adapter that may process this batch again after a shift needs the state before it (not while
-        # the monitor's cooldown rules out a confirmation on this batch)
+        # the monitor's cooldown rules out a confirmation on this batch and on the batches that hold it)
         pre_state = (st.adapter.state_dict() if st.readapter is not None and st.readapter.needs_pre_state
-                     and (st.monitor is None or st.batch_index > getattr(st.monitor, "cooldown_until", -1))
+                     and (st.monitor is None
+                          or st.batch_index + self._hold(st) > getattr(st.monitor, "cooldown_until", -1))
                      else None)
         out, scores, flags, keep = st.step(x)
         step_s = time.perf_counter() - ts
@@ -568,6 +576,8 @@ class Engine:
                     ev.evidence["onset_split"] = evidence
                     ev.evidence["readaptation"] = {"action": "onset_split"}
                 cur.step_s += time.perf_counter() - tr
+            for b in st.held + [cur]:  # states from before this shift's re-processing / restart: never reused
+                b.pre_state = None
         # online scorer updates and the re-adapter's buffer from the batch's final outputs (after a
         # re-processing, the split ones), before a meta restart re-fits the scorer
         tl = time.perf_counter()
@@ -595,6 +605,7 @@ class Engine:
         st.batch_index += 1
         st.n_samples += len(items)
         self.samples_processed += len(items)
+        cur.t_done = time.perf_counter()
         while len(st.held) > self._hold(st):
             self._emit(st, st.held.pop(0))
 
@@ -632,7 +643,7 @@ class Engine:
             if pos == onset_batch:
                 info["onset_index"] = evidence["onset_index"]
             b.out = StepOutput(logits=out.logits[sl], features=out.features[sl], update_mask=out.update_mask[sl],
-                               loss=out.loss, reset=b.out.reset or (b is cur and out.reset), info=info)
+                               loss=out.loss, reset=out.reset if b is cur else b.out.reset, info=info)
             if b is cur:
                 b.scores, b.flags, b.keep = scores[sl], flags[sl], keep[sl]
             at += len(b.items)
@@ -667,6 +678,7 @@ class Engine:
         self.step_time_s += b.step_s
         docs = self._prediction_docs(b)
         self._write_predictions(st, docs)
+        self._dirty.add(st.key)  # its checkpoint must stop carrying them as held
         preds = [d["pred"] for d in docs]
         entropy = out.entropy.numpy()
         if self.runlog is not None:
@@ -683,8 +695,13 @@ class Engine:
             ))
 
     def _emit_held(self) -> None:
+        self._release_held(None)
+
+    def _release_held(self, older_than_s: float | None) -> None:
+        """Write the held batches (those processed more than ``older_than_s`` seconds ago; None = all)."""
+        now = time.perf_counter()
         for st in self.states.values():
-            while st.held:
+            while st.held and (older_than_s is None or now - st.held[0].t_done > older_than_s):
                 self._emit(st, st.held.pop(0))
 
     def _dead_letter_alert(self, bad: list[tuple[RawRecord, str]]) -> None:

@@ -280,3 +280,25 @@ def test_held_records_are_never_committed_and_their_predictions_survive_a_crash(
     assert eng2.skipped == 32 and src2.committed == {("t", 0): 160}
     st = eng2.states["t:0"]
     assert st.held == [] and st.batch_index == 10 and st.n_samples == 160
+
+
+def test_held_predictions_are_released_after_hold_max_s_and_checkpoints_follow(tmp_path, model_meta):
+    seen = []
+    for max_s, tag in ((60.0, "long"), (1e-9, "none")):
+        cfg = cfg_for(tmp_path / tag, spec="bn", bs=16)
+        cfg.monitor.hold_max_s = max_s
+        store = CheckpointStore(cfg.engine.checkpoint_dir)
+        eng, out = make_engine(cfg, MemorySource(digit_values(96), topic="t"), Components(cfg, *model_meta),
+                               store=store)
+        held_before, process = [], eng.process
+
+        def probe(records, process=process, eng=eng, held_before=held_before):
+            held_before.append(len(out.predictions.values))  # written when the next batch comes in
+            process(records)
+        eng.process = probe
+        eng.run()
+        seen.append(held_before)
+        # the final checkpoint no longer carries held predictions (all were written)
+        assert store.load("t:0")["held_predictions"] == [] and len(out.predictions.values) == 96
+    assert seen[0] == [0, 0, 16, 32, 48, 64]  # one batch held until the next one is processed
+    assert seen[1] == [0, 16, 32, 48, 64, 80]  # held past hold_max_s: written before the next poll

@@ -19,8 +19,9 @@ the stored running statistics. The result is saved next to the source checkpoint
 Online, :class:`ReAdapter` answers a confirmed shift in two ways:
 
 * **onset split** (``split_onset``, on by default): when the change point lies inside the batch that
-  confirmed the shift (:class:`~streamtta.detectors.onset.OnsetLocator` on the arrival order), the
-  engine's adapter goes back to its state before that batch and processes it again as two batches,
+  confirmed the shift, or inside one before it whose predictions the engine still holds
+  (``monitor.hold_batches``; :class:`~streamtta.detectors.onset.OnsetLocator` on the arrival order), the
+  engine's adapter goes back to its state before the batch holding it and steps again in two parts,
   before and after the change point, and those outputs are reported (:meth:`ReAdapter.reprocess`).
   Statistics of a batch that straddles two domains fit neither part; it is the batch a shift costs
   most on, and no monitor can confirm a shift before it has been seen;
@@ -497,10 +498,10 @@ class ReAdapter:
         Restart the adaptable parameters from the meta-initialisation and take ``steps`` steps
         (the meta re-adaptation proper); False leaves the parameters alone (onset split only).
     split_onset
-        When the batch that confirms a shift holds its change point (located by
-        :class:`~streamtta.detectors.onset.OnsetLocator` on the arrival order), process that batch
-        again from the adapter's state before it, as two batches (before / after the change point),
-        and report those outputs (:meth:`reprocess`). Normalisation statistics of a batch that
+        When the batch that confirms a shift, or a held one before it, holds its change point (located
+        by :class:`~streamtta.detectors.onset.OnsetLocator` on the arrival order), step again from the
+        adapter's state before that batch, in two parts (before / after the change point), and report
+        those outputs (:meth:`reprocess`). Normalisation statistics of a batch that
         straddles two domains fit neither; this is the batch a shift costs most on.
     min_segment, onset_alpha
         The locator's smallest part and significance level.
