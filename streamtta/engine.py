@@ -618,8 +618,9 @@ class Engine:
         """Look for the change point in the held batches and ``cur`` and, if found, step again from the state
         before the batch holding it, in two parts. The outputs of ``cur`` are replaced; a held batch, which
         the scorer memories have already learned, gets the new predictions and keeps its first scores and
-        flags (scored again, its samples would match themselves in the memories). Returns the alert
-        evidence, or None (nothing changed)."""
+        flags (scored again, its samples would match themselves in the memories) while its ``update_mask``
+        is the new one; ``cur``'s ``info`` counts cover every sample stepped on again (they can exceed its
+        size). Returns the alert evidence, or None (nothing changed)."""
         cands = st.held + [cur]
         start = next((i for i, b in enumerate(cands) if b.pre_state is not None), None)
         if start is None:
