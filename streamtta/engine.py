@@ -56,6 +56,7 @@ import torch
 from streamtta.config import Config
 from streamtta.detectors.alerts import Alert, AlertKind, OffsetRange, Severity, deterministic_id
 from streamtta.detectors.events import GuardResetEvent
+from streamtta.detectors.scorer import score_and_flag
 from streamtta.detectors.shift import batch_signals, input_signals
 from streamtta.runlog import BatchRecord, RunLog
 from streamtta.stream.base import DeadLetter, Sink, Source, TopicPartition
@@ -109,18 +110,6 @@ class CheckpointStore:
 # ----------------------------------------------------------------------------------------------
 # per-stream state
 # ----------------------------------------------------------------------------------------------
-def _score_and_flag(scorer: Any, features: torch.Tensor, logits: torch.Tensor,
-                    feed: bool = True) -> tuple[Any, np.ndarray]:
-    """A scorer's scores and boolean OOD flags; scorers with an adaptive (Otsu) threshold see the
-    scores first (``score_and_flag``) unless ``feed`` is False (a batch scored a second time)."""
-    if hasattr(scorer, "score_and_flag"):
-        scores, flags = scorer.score_and_flag(features, logits, observe=feed)
-    else:
-        scores = scorer.score(features, logits)
-        flags = scorer.is_ood(scores)
-    return scores, np.asarray(flags, dtype=bool)
-
-
 @dataclass
 class _Batch:
     """One processed batch until its outputs are written."""
@@ -163,10 +152,10 @@ class StreamState:
         """``(scores, ood flags, keep)`` of a batch: the reporting scorer's scores and flags, and which
         samples may feed adaptation (flagged by neither the scorer nor the gate scorer). ``feed=False``
         for a batch scored again: adaptive thresholds do not see its scores twice."""
-        scores, flags = _score_and_flag(self.scorer, features, logits, feed)
+        scores, flags = score_and_flag(self.scorer, features, logits, feed)
         keep = ~flags
         if self.gate_scorer is not None:
-            keep = keep & ~_score_and_flag(self.gate_scorer, features, logits, feed)[1]
+            keep = keep & ~score_and_flag(self.gate_scorer, features, logits, feed)[1]
         return scores, flags, keep
 
     def step(self, x: torch.Tensor, feed: bool = True) -> tuple[StepOutput, np.ndarray, np.ndarray, np.ndarray]:
@@ -695,9 +684,6 @@ class Engine:
                 info={k: v for k, v in out.info.items() if _jsonable(v)},
             ))
 
-    def _emit_held(self) -> None:
-        self._release_held(None)
-
     def _release_held(self, older_than_s: float | None) -> None:
         """Write the held batches (those processed more than ``older_than_s`` seconds ago; None = all)."""
         now = time.perf_counter()
@@ -725,7 +711,7 @@ class Engine:
     # -- flush, checkpoint, commit -------------------------------------------------------------
     def _finish_batch(self, *, force: bool) -> None:
         if force:  # end of the run or a revocation: nothing stays held
-            self._emit_held()
+            self._release_held(None)
         if not self._pending_commit:
             return
         if not force and self._batches_since_ckpt < self.cfg.engine.checkpoint_every:

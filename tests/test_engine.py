@@ -37,6 +37,15 @@ def make_engine(cfg, source, comps, store=None, runlog=None):
     return Engine(cfg, source, outputs, comps, store=store, runlog=runlog), outputs
 
 
+def run_until_crash(cfg, comps, values, store, fail_after):
+    """Run until the source crashes after ``fail_after`` records: ``(source, engine, offsets predicted)``."""
+    src = MemorySource(values, topic="t", fail_after=fail_after)
+    eng, out = make_engine(cfg, src, comps, store=store)
+    with pytest.raises(SimulatedCrash):
+        eng.run()
+    return src, eng, {p["offset"] for p in out.predictions.values}
+
+
 def cfg_for(tmp_path, spec="bn", bs=32):
     return load_config(overrides={"adapter": {"spec": spec}, "engine": {"batch_size": bs,
                        "checkpoint_dir": str(tmp_path / "ck")}, "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}},
@@ -66,14 +75,8 @@ def test_offline_run_predicts_every_record_and_dead_letters_bad_ones(tmp_path, m
 
 def test_restart_from_checkpoint_skips_what_was_already_output(tmp_path, model_meta):
     cfg = cfg_for(tmp_path, spec="unmix-tns+tent", bs=16)
-    comps = Components(cfg, *model_meta)
-    values = digit_values(160)
-    store = CheckpointStore(cfg.engine.checkpoint_dir)
-    src1 = MemorySource(values, topic="t", fail_after=80)
-    eng1, out1 = make_engine(cfg, src1, comps, store=store)
-    with pytest.raises(SimulatedCrash):
-        eng1.run()
-    first = {p["offset"] for p in out1.predictions.values}
+    comps, values, store = Components(cfg, *model_meta), digit_values(160), CheckpointStore(cfg.engine.checkpoint_dir)
+    src1, eng1, first = run_until_crash(cfg, comps, values, store, 80)
     committed = src1.committed[("t", 0)]
     assert committed == max(first) + 1
     # pretend the commit was lost: restart from an older offset; checkpointed records must not repeat
@@ -258,14 +261,8 @@ def test_held_batch_is_reprocessed_when_the_shift_is_confirmed_one_batch_late(tm
 def test_held_records_are_never_committed_and_their_predictions_survive_a_crash(tmp_path, model_meta):
     cfg = cfg_for(tmp_path, spec="bn", bs=16)
     cfg.monitor.hold_batches = 2
-    comps = Components(cfg, *model_meta)
-    values = digit_values(160)
-    store = CheckpointStore(cfg.engine.checkpoint_dir)
-    src1 = MemorySource(values, topic="t", fail_after=80)
-    eng1, out1 = make_engine(cfg, src1, comps, store=store)
-    with pytest.raises(SimulatedCrash):
-        eng1.run()
-    first = {p["offset"] for p in out1.predictions.values}
+    comps, values, store = Components(cfg, *model_meta), digit_values(160), CheckpointStore(cfg.engine.checkpoint_dir)
+    src1, eng1, first = run_until_crash(cfg, comps, values, store, 80)
     assert first == set(range(48))  # 5 batches processed, the last 2 held
     assert src1.committed[("t", 0)] == 48 and len(eng1.states["t:0"].held) == 2
     held = {p["offset"]: p for b in eng1.states["t:0"].held for p in eng1._prediction_docs(b)}

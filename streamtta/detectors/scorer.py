@@ -185,6 +185,17 @@ class ThresholdedScorer(OODScorer):
         self._load_extra_state(state)
 
 
+def score_and_flag(scorer: OODScorer, features: Any, logits: Any, observe: bool = True) -> tuple[Any, np.ndarray]:
+    """``(scores, boolean OOD flags)`` of one batch from any scorer; a :class:`ThresholdedScorer` feeds its
+    adaptive (Otsu) threshold first unless ``observe`` is False (a batch scored a second time)."""
+    if isinstance(scorer, ThresholdedScorer):
+        scores, flags = scorer.score_and_flag(features, logits, observe=observe)
+    else:
+        scores = scorer.score(features, logits)
+        flags = scorer.is_ood(scores)
+    return scores, np.asarray(flags, dtype=bool)
+
+
 class ScoringGate:
     """A :data:`streamtta.adapters.base.Gate` that scores each batch once and keeps the result.
 
@@ -199,11 +210,7 @@ class ScoringGate:
         self.last_flags: np.ndarray | None = None
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.scorer, ThresholdedScorer):
-            scores, flags = self.scorer.score_and_flag(features, logits)
-        else:
-            scores = self.scorer.score(features, logits)
-            flags = self.scorer.is_ood(scores)
+        scores, flags = score_and_flag(self.scorer, features, logits)
         self.last_scores, self.last_flags = scores, flags
         ok = torch.as_tensor(~flags, device=logits.device)
         if self.extra is not None:
