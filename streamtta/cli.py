@@ -302,7 +302,7 @@ def cmd_train_source(args: argparse.Namespace) -> int:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    from streamtta.detectors.meta import meta_train_cli
+    from streamtta.readapt import meta_train_cli
 
     return meta_train_cli(args.model, steps=args.steps, seed=args.seed, out=args.out)
 

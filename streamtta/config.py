@@ -122,7 +122,7 @@ class MonitorConfig(Section):
     def _known_readapt_options(cls, v: dict[str, Any]) -> dict[str, Any]:
         import inspect
 
-        from streamtta.detectors.meta import ReAdapter
+        from streamtta.readapt import ReAdapter
 
         known = set(inspect.signature(ReAdapter.__init__).parameters) - {"self", "meta_init"}
         unknown = sorted(set(v) - known)

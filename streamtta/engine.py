@@ -54,10 +54,10 @@ import numpy as np
 import torch
 
 from streamtta.config import Config
-from streamtta.detectors.alerts import Alert, AlertKind, OffsetRange, Severity, deterministic_id
-from streamtta.detectors.events import GuardResetEvent
-from streamtta.detectors.scorer import score_and_flag
-from streamtta.detectors.shift import batch_signals, input_signals
+from streamtta.alerts.schema import Alert, AlertKind, OffsetRange, Severity, deterministic_id
+from streamtta.alerts.events import GuardResetEvent
+from streamtta.detectors.ood.scorer import score_and_flag
+from streamtta.detectors.shift.monitor import batch_signals, input_signals
 from streamtta.runlog import BatchRecord, RunLog
 from streamtta.stream.base import DeadLetter, Sink, Source, TopicPartition
 from streamtta.stream.envelope import DecodeError, DecodeLimits, decode_value
@@ -260,7 +260,7 @@ class Components:
         #: copied for every stream; built here so that a bad readapt option fails now, not at the first stream
         self.base_readapter: Any | None = None
         if cfg.monitor.readapt:
-            from streamtta.detectors.meta import ReAdapter, load_meta_init
+            from streamtta.readapt import ReAdapter, load_meta_init
 
             meta_init = (load_meta_init(cfg.model.source or "digits-resnet")
                          if cfg.monitor.readapt_options.get("restart", False) else None)
@@ -329,7 +329,8 @@ class Components:
         self.base_novelty = NovelClassDetector().fit(ft, y)
 
     def new_state(self, key: str) -> StreamState:
-        from streamtta.detectors import AlertPolicy, OODBurstRule, ShiftMonitor
+        from streamtta.alerts import AlertPolicy
+        from streamtta.detectors import OODBurstRule, ShiftMonitor
 
         adapter = self.new_adapter()
         scorer = copy.deepcopy(self.base_scorer)

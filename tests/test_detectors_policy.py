@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from streamtta.detectors import AlertPolicy, OffsetRange
-from streamtta.detectors.events import (
+from streamtta.alerts import AlertPolicy, OffsetRange
+from streamtta.alerts.events import (
     DeadLetterEvent,
     GuardResetEvent,
     NovelClusterEvent,

@@ -2,7 +2,7 @@
 import numpy as np
 
 from streamtta.detectors import NovelClassDetector, StrongOODPool
-from streamtta.detectors.index import l2_normalize
+from streamtta.detectors.ood.index import l2_normalize
 
 
 def test_pool_is_bounded_fifo():

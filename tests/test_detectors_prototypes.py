@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamtta.detectors.index import HAVE_FAISS, FlatIPIndex, l2_normalize
-from streamtta.detectors.prototypes import PrototypeMemory
+from streamtta.detectors.ood.index import HAVE_FAISS, FlatIPIndex, l2_normalize
+from streamtta.detectors.ood.prototypes import PrototypeMemory
 
 
 def clusters(n_classes=3, per_class=60, dim=16, seed=0, modes=2):

@@ -5,7 +5,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from streamtta.detectors import DEFAULT_SCORER, SCORERS, ScoringGate, build_scorer
-from streamtta.detectors.thresholds import OtsuThreshold, otsu_threshold, tpr_threshold
+from streamtta.detectors.ood.thresholds import OtsuThreshold, otsu_threshold, tpr_threshold
 
 DIM, C = 16, 4
 

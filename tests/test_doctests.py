@@ -11,7 +11,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(streamtta.__path__, prefi
 
 
 def test_modules_were_found():
-    assert "streamtta.adapters" in MODULES and "streamtta.detectors.shift" in MODULES and len(MODULES) > 40
+    assert "streamtta.adapters" in MODULES and "streamtta.detectors.shift.monitor" in MODULES and len(MODULES) > 40
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -193,7 +193,7 @@ def test_readapt_options_are_checked_before_anything_runs(tmp_path, model_meta):
 def test_restart_learns_the_batch_before_the_scorer_is_refit(tmp_path, model_meta, monkeypatch):
     """With the meta restart on, the shift batch feeds the scorer memories and the buffer before the restart
     re-fits the scorer (not after, which would undo the re-fit), and only once."""
-    from streamtta.detectors.meta import ReAdapter
+    from streamtta.readapt import ReAdapter
     from streamtta.engine import StreamState
     from streamtta.simulations.corruptions import corrupt
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from streamtta.detectors.meta import (
+from streamtta.readapt import (
     ReAdapter,
     adaptable_parameter_names,
     load_meta_init,

@@ -337,7 +337,7 @@ def test_summarize_empty_log():
 
 
 def test_summarize_accepts_alert_model_dumps():
-    from streamtta.detectors.alerts import Alert, AlertKind, OffsetRange
+    from streamtta.alerts.schema import Alert, AlertKind, OffsetRange
 
     a = Alert.create(AlertKind.covariate_shift, "s", OffsetRange(topic="t", partition=0, first=100, last=109))
     b = Alert.create("semantic_shift", "s", OffsetRange(topic="t", partition=0, first=200, last=209), batch_index=20)

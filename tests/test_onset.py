@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from streamtta.adapters import build_adapter
-from streamtta.detectors.meta import ReAdapter
-from streamtta.detectors.onset import OnsetLocator, sample_descriptors
+from streamtta.readapt import ReAdapter
+from streamtta.detectors.shift.onset import OnsetLocator, sample_descriptors
 
 
 def test_locates_a_change_in_feature_vectors_and_images():
@@ -84,7 +84,7 @@ def test_wide_vectors_give_the_same_split_as_their_projection():
     assert onset is not None and abs(onset.index - 20) <= 1
     # the SVD basis keeps every squared distance: the statistic equals the one on the raw columns
     z = (v - v.mean(0)) / v.std(0)
-    from streamtta.detectors.onset import _max_split
+    from streamtta.detectors.shift.onset import _max_split
     raw, _ = _max_split(z[None], 8, 24, z.shape[1])
     assert onset.statistic == pytest.approx(float(raw[0]), rel=1e-9)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from streamtta.detectors import OODBurstRule, ShiftMonitor, batch_signals
-from streamtta.detectors.shift import input_signals, make_detector
+from streamtta.detectors.shift.monitor import input_signals, make_detector
 
 
 def run(mon, series, start=0):

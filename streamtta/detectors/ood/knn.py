@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from streamtta.detectors.index import FlatIPIndex
-from streamtta.detectors.scorer import FeatureCentering, ThresholdedScorer, confident_mask
+from streamtta.detectors.ood.index import FlatIPIndex
+from streamtta.detectors.ood.scorer import FeatureCentering, ThresholdedScorer, confident_mask
 
 
 class KNNScorer(ThresholdedScorer):

@@ -2,7 +2,7 @@
 
 Polarity: every scorer returns **higher = more OOD** (see :data:`streamtta.types.OOD_HIGHER_IS_MORE_OOD`).
 
-Concrete scorers derive from :class:`streamtta.detectors.scorer.ThresholdedScorer`, which adds the
+Concrete scorers derive from :class:`streamtta.detectors.ood.scorer.ThresholdedScorer`, which adds the
 hold-out calibration split, the optional adaptive (Otsu) threshold and re-calibration after a
 re-adaptation.
 """
@@ -52,16 +52,3 @@ class OODScorer(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.threshold = float(state["threshold"])
-
-
-class ShiftDetector(ABC):
-    """A univariate change detector: ``update(x)`` then read ``drift_detected`` (river's API)."""
-
-    @abstractmethod
-    def update(self, x: float) -> None:
-        ...
-
-    @property
-    @abstractmethod
-    def drift_detected(self) -> bool:
-        ...

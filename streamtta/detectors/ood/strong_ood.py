@@ -10,7 +10,7 @@ Novel clusters: pool entries linked by cosine ``>= cluster_sim`` form clusters (
 components). A cluster holding at least ``min_cluster_size`` strong-OOD samples (its entries plus
 the later samples that fell within ``cluster_sim`` of them, "hits") and active over at least
 ``persist_batches`` batches raises one
-:class:`~streamtta.detectors.events.NovelClusterEvent`; it is not reported again while its
+:class:`~streamtta.alerts.events.NovelClusterEvent`; it is not reported again while its
 centroid stays within ``cluster_sim`` of a reported one.
 
 >>> import numpy as np
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from streamtta.detectors.events import NovelClusterEvent
-from streamtta.detectors.index import FlatIPIndex, l2_normalize
-from streamtta.detectors.thresholds import otsu_threshold
+from streamtta.alerts.events import NovelClusterEvent
+from streamtta.detectors.ood.index import FlatIPIndex, l2_normalize
+from streamtta.detectors.ood.thresholds import otsu_threshold
 
 
 class StrongOODPool:

@@ -21,11 +21,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from streamtta.detectors.scorer import ThresholdedScorer
+from streamtta.detectors.ood.scorer import ThresholdedScorer
 
 
 def _build(name: str, kw: dict[str, Any]) -> ThresholdedScorer:
-    from streamtta.detectors.registry import build_scorer
+    from streamtta.detectors.ood.registry import build_scorer
 
     if name == "fusion":
         raise ValueError("a fusion scorer cannot contain another fusion scorer")

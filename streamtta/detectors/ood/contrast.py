@@ -55,8 +55,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamtta.detectors.index import FlatIPIndex, l2_normalize
-from streamtta.detectors.scorer import ThresholdedScorer, softmax_np, to_numpy
+from streamtta.detectors.ood.index import FlatIPIndex, l2_normalize
+from streamtta.detectors.ood.scorer import ThresholdedScorer, softmax_np, to_numpy
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
@@ -135,7 +135,7 @@ class ContrastScorer(ThresholdedScorer):
     min_batch, queue_size
         Batches below ``min_batch`` samples are ranked against the last ``queue_size`` samples.
     backend, device
-        Vector index backend (see :class:`~streamtta.detectors.index.FlatIPIndex`).
+        Vector index backend (see :class:`~streamtta.detectors.ood.index.FlatIPIndex`).
     """
 
     name = "contrast"

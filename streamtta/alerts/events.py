@@ -1,5 +1,5 @@
-"""Events raised by the detectors; :class:`~streamtta.detectors.policy.AlertPolicy` turns them
-into :class:`~streamtta.detectors.alerts.Alert` records.
+"""Events raised by the detectors; :class:`~streamtta.alerts.policy.AlertPolicy` turns them
+into :class:`~streamtta.alerts.schema.Alert` records.
 
 >>> ev = ShiftEvent(kind="semantic", signals=("ood_rate",), batch_index=12, evidence={"z": {"ood_rate": 9.1}})
 >>> ev.alert_kind, ev.to_dict()["kind"]

@@ -4,7 +4,7 @@ A consumer batch holds records in arrival order, so an abrupt shift that falls i
 it into a prefix from the old domain and a suffix from the new one. Normalisation statistics
 computed over such a batch fit neither part: it is the batch a shift costs most on, and it comes
 before any monitor can confirm the shift. :class:`OnsetLocator` finds the split so that the batch
-can be processed again as two batches (see :meth:`streamtta.detectors.meta.ReAdapter.reprocess`).
+can be processed again as two batches (see :meth:`streamtta.readapt.ReAdapter.reprocess`).
 
 Per-sample descriptors (model-free, cheap): for images ``(B, C, H, W)`` the per-channel mean, log
 standard deviation and log high-frequency energy (mean absolute difference of neighbouring pixels:

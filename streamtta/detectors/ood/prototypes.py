@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamtta.detectors.index import HAVE_FAISS, FlatIPIndex, as_float32, l2_normalize
+from streamtta.detectors.ood.index import HAVE_FAISS, FlatIPIndex, as_float32, l2_normalize
 
 if HAVE_FAISS:
     import faiss  # type: ignore
@@ -75,7 +75,7 @@ class PrototypeMemory:
     kmeans_iter, seed
         k-means iterations and seed.
     backend, device
-        Search backend (see :class:`~streamtta.detectors.index.FlatIPIndex`).
+        Search backend (see :class:`~streamtta.detectors.ood.index.FlatIPIndex`).
     """
 
     def __init__(

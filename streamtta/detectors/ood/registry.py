@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamtta.detectors.ood_contrast import ContrastScorer
-from streamtta.detectors.ood_energy import EnergyScorer
-from streamtta.detectors.ood_fusion import FusionScorer
-from streamtta.detectors.ood_knn import KNNScorer
-from streamtta.detectors.ood_mahalanobis import MahalanobisScorer
-from streamtta.detectors.ood_msp import MSPScorer
-from streamtta.detectors.ood_prototype import PrototypeScorer
-from streamtta.detectors.scorer import ThresholdedScorer
+from streamtta.detectors.ood.contrast import ContrastScorer
+from streamtta.detectors.ood.energy import EnergyScorer
+from streamtta.detectors.ood.fusion import FusionScorer
+from streamtta.detectors.ood.knn import KNNScorer
+from streamtta.detectors.ood.mahalanobis import MahalanobisScorer
+from streamtta.detectors.ood.msp import MSPScorer
+from streamtta.detectors.ood.prototype_scorer import PrototypeScorer
+from streamtta.detectors.ood.scorer import ThresholdedScorer
 
 SCORERS: dict[str, type[ThresholdedScorer]] = {
     "prototype": PrototypeScorer,

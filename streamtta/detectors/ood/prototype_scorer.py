@@ -1,7 +1,7 @@
 """Prototype-cosine OOD score: ``1 - max cos(z, p)`` over the known-class prototypes.
 
 Features are centred on the source mean and L2-normalised (:class:`FeatureCentering`), then
-compared with a :class:`~streamtta.detectors.prototypes.PrototypeMemory` (several k-means
+compared with a :class:`~streamtta.detectors.ood.prototypes.PrototypeMemory` (several k-means
 prototypes per class in a FAISS ``IndexIDMap2(IndexFlatIP)``). ``partial_fit`` moves the prototypes
 by EMA towards confident ID-accepted samples, so the memory follows covariate drift while OOD
 samples (never accepted) do not leak in. This is OWTTT's OOD score with PALM-style multiple
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from streamtta.detectors.prototypes import PrototypeMemory
-from streamtta.detectors.scorer import FeatureCentering, ThresholdedScorer, confident_mask, softmax_np, to_numpy
+from streamtta.detectors.ood.prototypes import PrototypeMemory
+from streamtta.detectors.ood.scorer import FeatureCentering, ThresholdedScorer, confident_mask, softmax_np, to_numpy
 
 MODES = ("max", "predicted")
 

@@ -1,4 +1,4 @@
-"""Alert policy: detector events -> :class:`~streamtta.detectors.alerts.Alert` records.
+"""Alert policy: detector events -> :class:`~streamtta.alerts.schema.Alert` records.
 
 The policy assigns a severity, writes a one-line message and JSON-safe evidence figures, records
 the action taken, drops alerts below ``min_severity`` and enforces a cooldown per *group* of
@@ -7,8 +7,8 @@ when several detectors see it), every other kind is its own group. Alert ids are
 ``sha1(kind|topic|partition|last offset)`` (:meth:`Alert.create`), so replaying the same offsets
 after a crash reproduces the same ids.
 
->>> from streamtta.detectors.alerts import OffsetRange
->>> from streamtta.detectors.events import ShiftEvent
+>>> from streamtta.alerts.schema import OffsetRange
+>>> from streamtta.alerts.events import ShiftEvent
 >>> pol = AlertPolicy(cooldown_batches=5)
 >>> rng = OffsetRange(topic="t", partition=0, first=0, last=63)
 >>> ev = ShiftEvent("covariate", ("id_entropy",), batch_index=3, evidence={"z": {"id_entropy": 5.0}})
@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from streamtta.detectors.alerts import Alert, AlertKind, OffsetRange, Severity
-from streamtta.detectors.events import (
+from streamtta.alerts.schema import Alert, AlertKind, OffsetRange, Severity
+from streamtta.alerts.events import (
     DeadLetterEvent,
     GuardResetEvent,
     NovelClusterEvent,

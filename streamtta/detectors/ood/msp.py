@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from streamtta.detectors.scorer import ThresholdedScorer, to_tensor
+from streamtta.detectors.ood.scorer import ThresholdedScorer, to_tensor
 
 
 class MSPScorer(ThresholdedScorer):

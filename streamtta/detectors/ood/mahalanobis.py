@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from streamtta.detectors.scorer import ThresholdedScorer, confident_mask, softmax_np, to_numpy
+from streamtta.detectors.ood.scorer import ThresholdedScorer, confident_mask, softmax_np, to_numpy
 
 
 class MahalanobisScorer(ThresholdedScorer):

@@ -1,12 +1,12 @@
 """Open-set bookkeeping next to any scorer: known-class prototypes + strong-OOD pool.
 
-:class:`NovelClassDetector` keeps its own :class:`~streamtta.detectors.prototypes.PrototypeMemory`
+:class:`NovelClassDetector` keeps its own :class:`~streamtta.detectors.ood.prototypes.PrototypeMemory`
 of the known classes (centred, L2-normalised penultimate features) and a
-:class:`~streamtta.detectors.strong_ood.StrongOODPool`. Each batch, samples that the engine's
+:class:`~streamtta.detectors.ood.strong_ood.StrongOODPool`. Each batch, samples that the engine's
 scorer flagged OOD *and* whose cosine distance to every known prototype exceeds
 ``strong_threshold`` (the ``strong_quantile`` of ID hold-out distances) are offered to the pool
 (OWTTT's strong OOD); a persistent cluster there raises a
-:class:`~streamtta.detectors.events.NovelClusterEvent`. ``last_unknown_hits`` (fraction of the batch
+:class:`~streamtta.alerts.events.NovelClusterEvent`. ``last_unknown_hits`` (fraction of the batch
 closer to an unknown prototype than to every known one) is a signal for semantic-shift typing.
 Confident ID-accepted samples move the known prototypes by EMA.
 
@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from streamtta.detectors.events import NovelClusterEvent
-from streamtta.detectors.prototypes import PrototypeMemory
-from streamtta.detectors.scorer import FeatureCentering, confident_mask, to_numpy
-from streamtta.detectors.strong_ood import StrongOODPool
-from streamtta.detectors.thresholds import tpr_threshold
+from streamtta.alerts.events import NovelClusterEvent
+from streamtta.detectors.ood.prototypes import PrototypeMemory
+from streamtta.detectors.ood.scorer import FeatureCentering, confident_mask, to_numpy
+from streamtta.detectors.ood.strong_ood import StrongOODPool
+from streamtta.detectors.ood.thresholds import tpr_threshold
 
 
 class NovelClassDetector:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamtta.detectors.scorer import ThresholdedScorer, to_tensor
+from streamtta.detectors.ood.scorer import ThresholdedScorer, to_tensor
 
 
 class EnergyScorer(ThresholdedScorer):

@@ -60,7 +60,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from scipy.stats import ks_2samp
 
-from streamtta.detectors.events import ShiftEvent
+from streamtta.alerts.events import ShiftEvent
 
 DEFAULT_SIGNALS = ("ood_rate", "id_entropy", "mean_score", "in_mean", "in_std", "in_hf")
 #: Signals that describe the inputs only (covariate evidence).
@@ -418,7 +418,7 @@ class OODBurstRule:
         self.rates: deque[float] = deque(maxlen=self.n_batches)
 
     def update(self, ood_rate: float, batch_index: int) -> "OODBurstEvent | None":
-        from streamtta.detectors.events import OODBurstEvent
+        from streamtta.alerts.events import OODBurstEvent
 
         r = float(ood_rate)
         if not math.isfinite(r):

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from streamtta.detectors.base import OODScorer
-from streamtta.detectors.thresholds import OtsuThreshold, tpr_threshold
+from streamtta.detectors.ood.base import OODScorer
+from streamtta.detectors.ood.thresholds import OtsuThreshold, tpr_threshold
 
 THRESHOLD_MODES = ("tpr", "otsu")
 
