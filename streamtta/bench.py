@@ -3,7 +3,7 @@
 For every scenario and seed the stream is built once and replayed to every method through the same
 engine code path as live Kafka (in-memory source), so methods see byte-identical records in the same
 order. Metrics come from :func:`streamtta.metrics.summarize`; the JSON layout is documented in
-:mod:`streamtta.reports` (``BENCH_SCHEMA_VERSION``).
+:mod:`streamtta.reports.bench_json` (``BENCH_SCHEMA_VERSION``).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 
 from streamtta.config import Config
 
-
 Variant = tuple[str, dict[str, Any]]
+#: ``(display name, adapter spec, configuration)`` of one method x variant run.
+Run = tuple[str, str, Config]
 
 
 def parse_variant(text: str) -> Variant:
@@ -45,6 +46,80 @@ def scorer_variants(names: list[str]) -> list[Variant]:
     return [(n, {"scorer": {"name": n}}) for n in names]
 
 
+def _variant_configs(cfg: Config, variants: list[Variant] | None) -> list[tuple[str, Config]]:
+    """``(label, validated config)`` per variant (one unlabelled variant when none is given).
+
+    Every config is validated here, before anything runs, so a typo fails at once.
+    """
+    from pydantic import ValidationError
+
+    from streamtta.config import ConfigError, _format_errors, deep_merge
+
+    base = cfg.model_dump(mode="json")
+    out = []
+    for label, ov in list(variants or [("", {})]):
+        try:
+            out.append((label, Config.model_validate(deep_merge(base, ov))))
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, f"bench variant {label!r}")) from None
+    return out
+
+
+def _scenario_model(cfg: Config, scenario: Any, models: dict[str, Any]) -> tuple[str, Any, Any]:
+    """Name, model and metadata of the scenario's source model (``cfg.model.source`` wins); loaded once."""
+    from streamtta import runner
+
+    model_name = cfg.model.source or getattr(scenario, "model", None) or runner.DEFAULT_MODEL
+    lcfg = cfg.model_copy(deep=True)
+    lcfg.model.source = model_name
+    if model_name not in models:
+        models[model_name] = runner.load_source_model(lcfg)
+    model, meta = models[model_name]
+    return model_name, model, meta
+
+
+def _bench_seed(scenario: Any, path: Path, seed: int, runs: list[Run], model: Any, meta: Any, *,
+                limit: int | None, progress: bool, console: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every run on the stream of one scenario and seed: result entries and accuracy windows per run name.
+
+    The stream's records are rendered once and replayed to every run. With a ``source`` run, every result
+    also gets :func:`compare_to_source` against it, batch by batch.
+    """
+    from streamtta import runner
+    from streamtta.metrics import batch_series, summarize
+    from streamtta.reports import shift_windows
+    from streamtta.simulations.scenario import build_stream
+
+    stream = build_stream(scenario, seed)
+    records = list(itertools.islice(runner.encoded_records(stream), limit))  # render once, replay to all
+    results: list[dict[str, Any]] = []
+    windows: dict[str, Any] = {}
+    acc_by_method: dict[str, Any] = {}
+    for name, method, vcfg in runs:
+        mc = vcfg.model_copy(deep=True)
+        mc.adapter.spec = method
+        mc.engine.seed = seed
+        pipe = runner.build_pipeline(mc, model, meta)
+        res = runner.simulate(mc, path, seed=seed, progress=progress, pipeline=pipe, stream=stream,
+                              limit=limit, records=records)
+        summary = summarize(res.log, known_classes=set(pipe.classes))
+        console.print(f"[dim]{scenario.name} | {name} | seed {seed}: "
+                      f"acc={_p(summary.get('acc'))} auroc={_p(summary.get('auroc'))} "
+                      f"{res.stats['samples_per_s']} samples/s[/]")
+        results.append({"scenario": scenario.name, "method": name, "seed": seed,
+                        "metrics": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+                        "per_domain": summary.get("per_domain", {}), "stats": res.stats})
+        acc_by_method[name] = batch_series(res.log, known_classes=set(pipe.classes))["acc"]
+        changes = (summary.get("shift") or {}).get("change_batches") or []
+        if changes:
+            windows[name] = shift_windows(acc_by_method[name], changes)
+    src = next((n for n, m, _ in runs if m == "source"), None)
+    if src is not None:  # same stream, same batches: compare batch by batch
+        for r in results:
+            r["metrics"].update(compare_to_source(acc_by_method[r["method"]], acc_by_method[src]))
+    return results, windows
+
+
 def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list[int], *,
               json_out: Path | None = None, plot_out: Path | None = None, markdown_out: Path | None = None,
               progress: bool = True, limit: int | None = None, variants: list[Variant] | None = None,
@@ -60,25 +135,9 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
     from rich.console import Console
 
     from streamtta import runner
-    from streamtta.engine import Components
-    from streamtta.metrics import batch_series, summarize
-    from streamtta.reports import (DEFAULT_TABLE_METRICS, aggregate, bench_markdown, plot_bench, plot_shift_recovery,
-                                   print_bench_table, shift_windows, write_bench_json)
     from streamtta.simulations.scenario import build_stream, load_scenario
 
-    from pydantic import ValidationError
-
-    from streamtta.config import Config as _Config
-    from streamtta.config import ConfigError, _format_errors, deep_merge
-
-    variants = list(variants or [("", {})])
-    base = cfg.model_dump(mode="json")
-    variant_cfgs = []
-    for label, ov in variants:
-        try:
-            variant_cfgs.append((label, _Config.model_validate(deep_merge(base, ov))))
-        except ValidationError as e:
-            raise ConfigError(_format_errors(e, f"bench variant {label!r}")) from None
+    variant_cfgs = _variant_configs(cfg, variants)
     # a pipe or a log file gets the whole table, not one cut to 80 columns
     console = Console() if sys.stdout.isatty() else Console(width=220)
     results: list[dict[str, Any]] = []
@@ -89,18 +148,12 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
     for scen_name in scenarios:
         path = runner.resolve_scenario(scen_name)
         scenario = load_scenario(path)
-        model_name = cfg.model.source or getattr(scenario, "model", None) or runner.DEFAULT_MODEL
-        lcfg = cfg.model_copy(deep=True)
-        lcfg.model.source = model_name
-        if model_name not in models:
-            models[model_name] = runner.load_source_model(lcfg)
-        model, meta = models[model_name]
+        model_name, model, meta = _scenario_model(cfg, scenario, models)
         scen_cfgs = []
         for label, vcfg in variant_cfgs:
             c = vcfg.model_copy(deep=True)
             c.model.source = model_name
             scen_cfgs.append((label, c))
-        runs = [(f"{m} ({label})" if label else m, m, vcfg) for label, vcfg in scen_cfgs for m in methods]
         if cost:
             from streamtta.costs import measure_costs
 
@@ -108,34 +161,28 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
             for row in measure_costs(scen_cfgs, methods, model, meta, x, batch_size=cfg.engine.batch_size):
                 cost_rows.append({"scenario": scenario.name, **row})
             continue
+        runs = [(f"{m} ({label})" if label else m, m, vcfg) for label, vcfg in scen_cfgs for m in methods]
         for seed in seeds:
-            stream = build_stream(scenario, seed)
-            records = list(itertools.islice(runner.encoded_records(stream), limit))  # render once, replay to all
-            acc_by_method: dict[str, Any] = {}
-            for name, method, vcfg in runs:
-                mc = vcfg.model_copy(deep=True)
-                mc.adapter.spec = method
-                mc.engine.seed = seed
-                comps = Components(mc, model, meta)
-                res = runner.simulate(mc, path, seed=seed, progress=progress, components=comps, stream=stream,
-                                      limit=limit, records=records)
-                summary = summarize(res.log, known_classes=set(comps.classes))
-                console.print(f"[dim]{scenario.name} | {name} | seed {seed}: "
-                              f"acc={_p(summary.get('acc'))} auroc={_p(summary.get('auroc'))} "
-                              f"{res.stats['samples_per_s']} samples/s[/]")
-                results.append({"scenario": scenario.name, "method": name, "seed": seed,
-                                "metrics": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
-                                "per_domain": summary.get("per_domain", {}), "stats": res.stats})
-                acc_by_method[name] = batch_series(res.log, known_classes=set(comps.classes))["acc"]
-                changes = (summary.get("shift") or {}).get("change_batches") or []
-                if changes:
-                    windows.setdefault((scenario.name, name), []).append(shift_windows(acc_by_method[name], changes))
-            src = next((n for n, m, _ in runs if m == "source"), None)
-            if src is not None:  # same stream, same batches: compare batch by batch
-                for r in results[-len(runs):]:
-                    r["metrics"].update(compare_to_source(acc_by_method[r["method"]], acc_by_method[src]))
+            seed_results, seed_windows = _bench_seed(scenario, path, seed, runs, model, meta, limit=limit,
+                                                     progress=progress, console=console)
+            results += seed_results
+            for name, w in seed_windows.items():
+                windows.setdefault((scenario.name, name), []).append(w)
     if cost:
         return _finish_cost(cost_rows, console, json_out, markdown_out, t_start)
+    _finish_bench(results, windows, console, table_metrics, json_out=json_out, plot_out=plot_out,
+                  markdown_out=markdown_out, plot_shifts_out=plot_shifts_out)
+    console.print(f"bench wall time {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def _finish_bench(results: list[dict[str, Any]], windows: dict[tuple[str, str], list[Any]], console: Any,
+                  table_metrics: tuple[str, ...] | None, *, json_out: Path | None, plot_out: Path | None,
+                  markdown_out: Path | None, plot_shifts_out: Path | None) -> None:
+    """Aggregate over seeds, print the table and write the requested JSON, markdown and plots."""
+    from streamtta.reports import (DEFAULT_TABLE_METRICS, aggregate, bench_markdown, plot_bench, plot_shift_recovery,
+                                   print_bench_table, write_bench_json)
+
     agg = aggregate(results)
     cols = table_metrics or DEFAULT_TABLE_METRICS
     print_bench_table(agg, console=console, metrics=cols)
@@ -154,8 +201,6 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
             console.print(f"shift plot -> {plot_shifts_out}")
         else:
             console.print("[yellow]no scenario has change points: no shift plot[/]")
-    console.print(f"bench wall time {time.perf_counter() - t_start:.1f} s")
-    return 0
 
 
 def _command_line() -> list[str]:
@@ -195,8 +240,6 @@ def compare_to_source(acc: Any, source_acc: Any) -> dict[str, float]:
     >>> compare_to_source([80, 70, 60, 90], [75, 75, 75, 75])
     {'max_batches_below_source': 2, 'batches_below_source_pct': 50.0}
     """
-    import numpy as np
-
     from streamtta.metrics import longest_run_below
 
     a, b = np.asarray(acc, dtype=np.float64), np.asarray(source_acc, dtype=np.float64)

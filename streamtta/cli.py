@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -175,7 +174,6 @@ def _ratio(a: Any, b: Any) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Main job: embedded broker (unless --bootstrap-servers) + replay of the scenario + engine to the end."""
     from streamtta import runner
-    from streamtta.engine import Components
     from streamtta.metrics import summarize
     from streamtta.reports import plot_run
 
@@ -197,8 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario = load_scenario(runner.resolve_scenario(cfg.run.scenario))
         runner.use_scenario_model(cfg, scenario)
         stream = build_stream(scenario, cfg.engine.seed) if cfg.run.replay else None
-    model, meta = runner.load_source_model(cfg)
-    components = Components(cfg, model, meta)
+    pipeline = runner.build_pipeline(cfg)
     runner.write_manifest(run_dir, cfg, seed=cfg.engine.seed, stream=stream.describe() if stream else None)
 
     from contextlib import ExitStack
@@ -220,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             replay(stream.iter_samples(), bootstrap, cfg.kafka.topic, rate=cfg.run.rate, progress=progress,
                    total=len(stream))
             cfg.kafka.stop_at_end = True
-        result = runner.consume(cfg, bootstrap, components=components, run_dir=run_dir,
+        result = runner.consume(cfg, bootstrap, pipeline=pipeline, run_dir=run_dir,
                                 total=len(stream) if stream is not None else None, progress=progress,
                                 max_records=args.max_records)
     runlog = result.log
@@ -229,9 +226,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         x_sample = stream.materialize(0, 4096)[0]
         if len(x_sample):
             bs = cfg.engine.batch_size
-            result.stats["bare_forward_samples_per_s"] = round(runner.bare_model_throughput(model, x_sample, bs), 1)
-            result.stats["bare_step_samples_per_s"] = round(_bare_step_throughput(components, x_sample, bs), 1)
-    summary = summarize(runlog, known_classes=set(components.classes))
+            result.stats["bare_forward_samples_per_s"] = round(runner.bare_model_throughput(pipeline.blueprint.model, x_sample, bs), 1)
+            result.stats["bare_step_samples_per_s"] = round(_bare_step_throughput(pipeline, x_sample, bs), 1)
+    summary = summarize(runlog, known_classes=set(pipeline.classes))
     runlog.to_json(run_dir / "runlog.json")
     (run_dir / "metrics.json").write_text(json.dumps({"summary": summary, "stats": result.stats}, indent=2,
                                                      default=str))
@@ -241,11 +238,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bare_step_throughput(components: Any, x: Any, batch_size: int) -> float:
+def _bare_step_throughput(pipeline: Any, x: Any, batch_size: int) -> float:
+    """samples/s of the run's adapter alone (fresh from the source state: no scoring, no monitor)."""
     import torch
 
-    adapter = components._build_adapter(components.spec, components.model, components.num_classes,
-                                        **components.cfg.adapter.options)
+    adapter = pipeline.spawn().adapter
     xt = torch.as_tensor(x, dtype=torch.float32)
     adapter.step(xt[:batch_size])
     t0 = time.perf_counter()

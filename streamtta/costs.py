@@ -8,7 +8,7 @@ per batch, each the median over batches and repeats, in milliseconds:
 * ``step_ms``: ``Adapter.step(x)``: the method's whole online step (its norm layers, forward passes,
   backward pass and optimizer step where it has them, filters, guards);
 * ``scoring_ms``: what the engine adds per batch for open-set work, with the engine's own code
-  (:meth:`~streamtta.engine.StreamState.score` + :meth:`~streamtta.engine.StreamState.learn_scores`):
+  (:meth:`~streamtta.pipeline.Pipeline.step`'s scoring + :meth:`~streamtta.pipeline.Pipeline.learn_scores`):
   the scorer and the adaptation gate scorer, flags and online (prototype-memory) updates.
 
 Ratios: ``step_ratio = step_ms / forward_ms`` and ``scoring_share = scoring_ms / step_ms`` (percent).
@@ -64,7 +64,7 @@ def measure_costs(cfgs: Sequence[tuple[str, Config]], methods: Sequence[str], mo
     The plain forward pass is timed on each batch right before the method's step on the same batch
     (interleaved), so a busy machine slows both alike and the ratio stays meaningful.
     """
-    from streamtta.engine import Components
+    from streamtta.runner import build_pipeline
 
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     model = model.eval()
@@ -73,8 +73,8 @@ def measure_costs(cfgs: Sequence[tuple[str, Config]], methods: Sequence[str], mo
         for method in methods:
             cfg = base.model_copy(deep=True)
             cfg.adapter.spec = method
-            comps = Components(cfg, model, meta)
-            st = comps.new_state("cost")
+            pipe = build_pipeline(cfg, model, meta)
+            st = pipe.parts
             outs: list[Any] = []
             fwd_t: list[float] = []
 
@@ -90,13 +90,13 @@ def measure_costs(cfgs: Sequence[tuple[str, Config]], methods: Sequence[str], mo
             score_t = []
             for out in outs[warmup:]:
                 t0 = time.perf_counter()
-                _, _, keep = st.score(out.features, out.logits)
-                st.learn_scores(out.features, out.logits, torch.from_numpy(keep))
+                _, _, keep = pipe.score(out.features, out.logits)
+                pipe.learn_scores(out.features, out.logits, keep)
                 score_t.append(time.perf_counter() - t0)
             fwd_ms = 1e3 * float(np.median(fwd_t[warmup:]))
             step_ms, score_ms = 1e3 * float(np.median(step_t)), 1e3 * float(np.median(score_t))
-            rows.append({"method": f"{method} ({label})" if label else method, "spec": comps.spec,
-                         "scorer": comps.scorer_name, "batch_size": batch_size, "n_batches": len(step_t),
+            rows.append({"method": f"{method} ({label})" if label else method, "spec": pipe.blueprint.spec,
+                         "scorer": pipe.blueprint.scorer_name, "batch_size": batch_size, "n_batches": len(step_t),
                          "forward_ms": round(fwd_ms, 3), "step_ms": round(step_ms, 3),
                          "scoring_ms": round(score_ms, 3), "step_ratio": round(step_ms / fwd_ms, 3),
                          "scoring_share_pct": round(100 * score_ms / step_ms, 2)})

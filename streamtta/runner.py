@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from streamtta.config import Config
-from streamtta.engine import CheckpointStore, Components, Engine, Outputs
+from streamtta.checkpoints import CheckpointStore
+from streamtta.engine import Engine, Outputs
+from streamtta.pipeline import Pipeline
 from streamtta.runlog import RunLog
 from streamtta.types import RawRecord
 
@@ -43,9 +45,9 @@ def versions() -> dict[str, str]:
     import faiss
     import river
 
-    import streamtta
+    from streamtta.version import __version__
 
-    out = {"streamtta": getattr(streamtta, "__version__", "0"), "python": platform.python_version(),
+    out = {"streamtta": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "numpy": np.__version__, "river": river.__version__,
            "faiss": faiss.__version__, "platform": platform.platform()}
     try:
@@ -96,6 +98,19 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------
 # building blocks
 # ----------------------------------------------------------------------------------------------
+def build_pipeline(cfg: Config, model: torch.nn.Module | None = None, meta: Any = None) -> Pipeline:
+    """The template pipeline of a run: model from ``cfg.model.source`` unless given, fitted on the
+    model's own source data when it has streamtta metadata (scorer calibration with ``scorer.calibrate``)."""
+    if model is None:
+        model, meta = load_source_model(cfg)
+    pipe = Pipeline.from_config(cfg, model, meta)
+    if meta is not None:
+        pipe.fit_source()
+    else:
+        log.warning("model without streamtta metadata and no calibration data: no OOD flags")
+    return pipe
+
+
 def load_source_model(cfg: Config) -> tuple[torch.nn.Module, Any]:
     from streamtta.models.registry import load_model
 
@@ -183,7 +198,7 @@ def engine_stats(engine: Engine, wall_s: float, started_at: float | None = None,
 # offline simulation (same engine code path as Kafka)
 # ----------------------------------------------------------------------------------------------
 def simulate(cfg: Config, scenario_path: str | Path, *, seed: int | None = None, progress: bool = True,
-             components: Components | None = None, run_dir: Path | None = None, stream: Any = None,
+             pipeline: Pipeline | None = None, run_dir: Path | None = None, stream: Any = None,
              limit: int | None = None, records: Sequence[RawRecord] | None = None) -> RunResult:
     """Replay a scenario through the engine with an in-memory source and sinks.
 
@@ -204,11 +219,10 @@ def simulate(cfg: Config, scenario_path: str | Path, *, seed: int | None = None,
     np.random.seed(seed % 2**32)
     if stream is None:
         stream = build_stream(scenario, seed)
-    if components is None:
+    if pipeline is None:
         cfg = cfg.model_copy(deep=True)
         use_scenario_model(cfg, scenario)
-        model, meta = load_source_model(cfg)
-        components = Components(cfg, model, meta)
+        pipeline = build_pipeline(cfg)
     alerts: list[Any] = [MemorySink()]
     if run_dir is not None and cfg.alerts.jsonl:
         alerts.append(JsonlSink(run_dir / "alerts.jsonl"))
@@ -227,7 +241,7 @@ def simulate(cfg: Config, scenario_path: str | Path, *, seed: int | None = None,
     totals = {"records": 0, "samples": 0, "dead_letters": 0, "batches": 0, "step": 0.0}
     with progress_bar(total, f"simulate {scenario.name}", progress) as advance:
         for seg in segments:
-            engine = Engine(sim_cfg, MemorySource(seg), outputs, components, store=None, runlog=runlog,
+            engine = Engine(sim_cfg, MemorySource(seg), outputs, pipeline, store=None, runlog=runlog,
                             on_batch=advance)
             engine.run()
             totals["records"] += engine.records_seen
@@ -280,7 +294,7 @@ def graceful_shutdown(engine: Engine) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 # Kafka end to end
 # ----------------------------------------------------------------------------------------------
-def build_kafka_engine(cfg: Config, bootstrap: str, components: Components, run_dir: Path | None,
+def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir: Path | None,
                        runlog: RunLog | None) -> tuple[Engine, ExitStack]:
     from streamtta.stream.kafka import KafkaDeadLetter, KafkaSink, KafkaSource, make_producer
     from streamtta.stream.memory import JsonlSink
@@ -299,23 +313,22 @@ def build_kafka_engine(cfg: Config, bootstrap: str, components: Components, run_
     source = KafkaSource(bootstrap, [k.topic], k.group_id, overrides=dict(k.consumer), stop_at_end=k.stop_at_end)
     stack.callback(source.close)
     store = CheckpointStore(cfg.engine.checkpoint_dir)
-    engine = Engine(cfg, source, Outputs(preds, alerts, dlq), components, store=store, runlog=runlog)
+    engine = Engine(cfg, source, Outputs(preds, alerts, dlq), pipeline, store=store, runlog=runlog)
     return engine, stack
 
 
-def consume(cfg: Config, bootstrap: str, *, components: Components | None = None, run_dir: Path | None = None,
+def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, run_dir: Path | None = None,
             total: int | None = None, progress: bool = True, max_records: int | None = None) -> RunResult:
     """Run the engine against Kafka until the stream ends (``kafka.stop_at_end``), a signal or a limit."""
     from streamtta.stream.kafka import ensure_topics
 
-    if components is None:
-        model, meta = load_source_model(cfg)
-        components = Components(cfg, model, meta)
+    if pipeline is None:
+        pipeline = build_pipeline(cfg)
     k = cfg.kafka
     ensure_topics(bootstrap, {k.topic: k.partitions, k.resolved_dlq_topic(): 1,
                               k.resolved_predictions_topic(): k.partitions, k.resolved_alerts_topic(): 1})
     runlog = RunLog() if cfg.engine.record_log else None
-    engine, stack = build_kafka_engine(cfg, bootstrap, components, run_dir, runlog)
+    engine, stack = build_kafka_engine(cfg, bootstrap, pipeline, run_dir, runlog)
     t0 = time.perf_counter()
     with stack, graceful_shutdown(engine), progress_bar(total, f"consume {k.topic}", progress) as advance:
         engine.on_batch = advance

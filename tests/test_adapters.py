@@ -11,7 +11,7 @@ from torch import nn
 from streamtta.adapters import DEFAULT_SPEC, CompositeAdapter, SpecError, build_adapter, parse_spec
 from streamtta.adapters.context import StepContext
 from streamtta.adapters.filters import ConfidenceDropFilter, EntropyMarginFilter, RedundancyFilter
-from streamtta.adapters.guards import EMAToSource, LossEMAReset, PeriodicReset
+from streamtta.adapters.guards import LossEMAReset
 from streamtta.adapters.norms import ClassBalancedNorm, UnMixTNS
 from streamtta.adapters.objectives import EntropyObjective, WeightedEntropyObjective
 
@@ -509,3 +509,52 @@ def test_model_without_linear_reports_logits_as_features():
     ad = build_adapter("bn", conv_net, 4)
     out = ad.step(torch.rand(6, 1, 8, 8))
     assert ad.feature_layer is None and torch.equal(out.features, out.logits)
+
+
+def _import_graph(*packages: str) -> dict[str, set[str]]:
+    """Module -> modules it imports (every import statement, also inside functions) within ``packages``."""
+    import ast
+    from pathlib import Path
+
+    import streamtta
+
+    root = Path(streamtta.__file__).parent.parent
+    files = {}
+    for pkg in packages:
+        for f in (root / pkg.replace(".", "/")).rglob("*.py"):
+            parts = f.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name not in files and "." in name:
+                    name = name.rsplit(".", 1)[0]
+                if name in files and name != mod:
+                    graph[mod].add(name)
+    return graph
+
+
+def test_adapters_and_models_have_no_import_cycle():
+    graph = _import_graph("streamtta.adapters", "streamtta.models")
+    assert "streamtta.adapters.guards.base" in graph and len(graph) > 30
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for dep in sorted(graph[mod]):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join(path[path.index(dep):] + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])

@@ -85,22 +85,22 @@ def test_prior_fixes_one_class_batches_on_real_digits():
     assert with_prior > sorted_accuracy("bn", False) + 0.5
 
 
-def test_engine_components_give_new_adapters_the_prior():
+def test_pipeline_blueprint_gives_new_adapters_the_prior():
     from streamtta.config import Config
-    from streamtta.engine import Components
+    from streamtta.runner import build_pipeline
     from streamtta.models.registry import load_model
 
     model, meta = load_model("digits-resnet")
     cfg = Config()
     cfg.model.source = "digits-resnet"
-    comps = Components(cfg, model, meta)
+    comps = build_pipeline(cfg, model, meta).blueprint
     a, b = comps.new_adapter(), comps.new_adapter()
     la = [m for m in a.model.modules() if isinstance(m, ClassBalancedNorm)]
     lb = [m for m in b.model.modules() if isinstance(m, ClassBalancedNorm)]
     assert la and all(float(m.slot_weight.min()) == m.prior_weight for m in la)
     assert all(torch.equal(p.slot_means, q.slot_means) for p, q in zip(la, lb))
     cfg.adapter.class_prior = False
-    plain = Components(cfg, model, meta, ).new_adapter()
+    plain = build_pipeline(cfg, model, meta).blueprint.new_adapter()
     assert all(float(m.slot_weight.max()) == 0.0 for m in plain.model.modules() if isinstance(m, ClassBalancedNorm))
 
 

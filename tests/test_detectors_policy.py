@@ -1,7 +1,8 @@
-"""AlertPolicy: deterministic ids, severity, cooldown groups, engine tuples."""
+"""AlertPolicy: deterministic ids, severity, cooldown groups, typed events only."""
 import json
 
 import pytest
+import torch
 
 from streamtta.alerts import AlertPolicy, OffsetRange
 from streamtta.alerts.events import (
@@ -57,14 +58,19 @@ def test_severity_evidence_action_and_json():
     assert low.severity.value == "warning"
 
 
-def test_min_severity_and_engine_tuples():
+def test_min_severity_and_typed_events_only():
     pol = AlertPolicy(min_severity="warning")
     assert pol.process([DeadLetterEvent(batch_index=1, count=2)], stream_id="s", offsets=rng(), batch_index=1) == []
-    out = pol.process([("collapse_guard", {"reason": "entropy_spike"}), GuardResetEvent(batch_index=2)],
-                      stream_id="s", offsets=rng(), batch_index=2)
+    out = pol.process([GuardResetEvent(batch_index=2, reason="entropy_spike")], stream_id="s", offsets=rng(),
+                      batch_index=2)
     assert len(out) == 1 and out[0].kind.value == "collapse_guard" and out[0].action == "adapter_reset"
-    with pytest.raises(TypeError):
-        pol.process([object()], stream_id="s", offsets=rng(), batch_index=3)
+    assert "entropy_spike" in out[0].message
+    warn = pol.process([DeadLetterEvent(batch_index=3, count=12, reason="bad json")], stream_id="s",
+                       offsets=rng(), batch_index=3)
+    assert len(warn) == 1 and warn[0].severity.value == "warning" and warn[0].action == "dead_lettered"
+    for untyped in (("collapse_guard", {"reason": "entropy_spike"}), ("dead_letter", {"count": 3}), object()):
+        with pytest.raises(TypeError, match="cannot handle"):
+            pol.process([untyped], stream_id="s", offsets=rng(), batch_index=4)
     with pytest.raises(ValueError, match="min_severity"):
         AlertPolicy(min_severity="loud")
 
@@ -75,3 +81,12 @@ def test_policy_state_round_trip():
     other = AlertPolicy(cooldown_batches=10)
     other.load_state_dict(pol.state_dict())
     assert other.process([shift(9)], stream_id="s", offsets=rng(), batch_index=9) == []
+
+
+def test_policy_state_is_plain_data(tmp_path):
+    pol = AlertPolicy(cooldown_batches=10)
+    pol.process([shift()], stream_id="s", offsets=rng(), batch_index=5)
+    torch.save(pol.state_dict(), tmp_path / "policy.pt")
+    other = AlertPolicy(cooldown_batches=10)
+    other.load_state_dict(torch.load(tmp_path / "policy.pt", weights_only=True))
+    assert other.state_dict() == pol.state_dict()

@@ -1,5 +1,6 @@
 """Strong-OOD pool (FIFO bound, novel-cluster events) and the novel-class detector."""
 import numpy as np
+import torch
 
 from streamtta.detectors import NovelClassDetector, StrongOODPool
 from streamtta.detectors.ood.index import l2_normalize
@@ -84,3 +85,20 @@ def test_novel_class_detector_end_to_end():
     other = NovelClassDetector()
     other.load_state_dict(det.state_dict())
     np.testing.assert_allclose(other.distance(known[:5]), det.distance(known[:5]))
+
+
+def test_pool_and_novelty_states_load_with_weights_only(tmp_path):
+    rng = np.random.default_rng(1)
+    known = np.abs(np.concatenate([rng.normal([5, 0, 0, 0], 0.5, (60, 4)),
+                                   rng.normal([0, 5, 0, 0], 0.5, (60, 4))])).astype(np.float32)
+    det = NovelClassDetector(n_per_class=2, min_cluster_size=4, persist_batches=2).fit(known, np.repeat([0, 1], 60))
+    for b in range(3):
+        det.update(np.abs(rng.normal([0, 0, 5, 5], 0.3, (6, 4))).astype(np.float32), np.ones(6, bool), batch_index=b)
+    assert len(det.pool) > 0
+    torch.save(det.state_dict(), tmp_path / "novelty.pt")
+    other = NovelClassDetector(n_per_class=2, min_cluster_size=4, persist_batches=2)
+    other.load_state_dict(torch.load(tmp_path / "novelty.pt", weights_only=True))
+    probe = np.abs(rng.normal([0, 0, 5, 5], 0.3, (6, 4))).astype(np.float32)
+    np.testing.assert_array_equal(other.distance(probe), det.distance(probe))
+    np.testing.assert_array_equal(other.pool.similarity(probe)[0], det.pool.similarity(probe)[0])
+    assert other.pool.next_id == det.pool.next_id and other.strong_threshold == det.strong_threshold

@@ -70,7 +70,7 @@ def test_state_round_trip_gives_identical_search():
     mem = PrototypeMemory(n_per_class=2, momentum=0.9).fit(x, y)
     mem.update(x[:20], y[:20])
     state = mem.state_dict()
-    assert all(isinstance(state[k], np.ndarray) for k in ("ids", "classes", "vectors", "counts"))
+    assert all(isinstance(state[k], torch.Tensor) for k in ("ids", "classes", "vectors", "counts"))
     other = PrototypeMemory()
     other.load_state_dict(state)
     q = x[::7]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from streamtta.detectors import DEFAULT_SCORER, SCORERS, ScoringGate, build_scorer
+from streamtta.detectors import DEFAULT_SCORER, SCORERS, build_scorer, score_and_flag
 from streamtta.detectors.ood.thresholds import OtsuThreshold, otsu_threshold, tpr_threshold
 
 DIM, C = 16, 4
@@ -143,16 +143,20 @@ def test_recalibrate_keeps_classes_missing_from_buffer():
     assert sorted(set(s.memory.classes_.tolist())) == [0, 1, 2, 3]
 
 
-def test_default_scorer_and_gate_records_scores():
+def test_default_scorer_and_score_and_flag():
     assert DEFAULT_SCORER in SCORERS
     f, lo, y = id_data(400, 0)
     s = build_scorer(DEFAULT_SCORER).fit(f, lo, y)
-    gate = ScoringGate(s)
     fo, lo_ = ood_data(10, 1)
-    ok = gate(lo_, torch.from_numpy(fo))
-    assert ok.dtype == torch.bool and ok.shape == (10,)
-    np.testing.assert_array_equal(~ok.numpy(), gate.last_flags)
-    assert gate.last_scores.shape == (10,)
+    scores, flags = score_and_flag(s, torch.from_numpy(fo), lo_)
+    assert scores.shape == (10,) and flags.dtype == bool and flags.shape == (10,)
+    np.testing.assert_array_equal(flags, s.is_ood(scores))
+    # the adaptive threshold is fed unless the batch is scored a second time
+    t = build_scorer("energy", threshold_mode="otsu", otsu_min_fill=4).fit(f, lo, y)
+    score_and_flag(t, fo, lo_, observe=False)
+    assert len(t.otsu.queue) == 0
+    score_and_flag(t, fo, lo_)
+    assert len(t.otsu.queue) == 10
 
 
 def test_fusion_online_standardisation_tracks_feature_component_only():
@@ -226,13 +230,16 @@ def test_contrast_small_batches_rank_against_recent_samples():
 
 
 def test_engine_feeds_the_adaptive_threshold():
-    """StreamState.score goes through score_and_flag, so an Otsu threshold moves with the stream."""
-    from streamtta.engine import StreamState
+    """Pipeline.score goes through score_and_flag, so an Otsu threshold moves with the stream."""
+    from torch import nn
+
+    from streamtta.pipeline import Pipeline
 
     f, lo, y = id_data(600, 0)
     s = build_scorer("prototype", threshold_mode="otsu", otsu_min_fill=32).fit(f, lo, y)
     calibrated = s.threshold
-    st = StreamState(key="k", adapter=None, scorer=s, monitor=None, policy=None)
+    st = Pipeline(nn.Sequential(nn.Linear(4, lo.shape[1])), adapter="source", num_classes=lo.shape[1])
+    st.parts.scorer, st.parts.gate_scorer, st.blueprint.calibrated = s, None, True
     fi, li, _ = id_data(200, 1)
     fo, lo_ = ood_data(200, 2)
     _, flags, keep = st.score(torch.from_numpy(np.r_[fi, fo]), torch.cat([li, lo_]))

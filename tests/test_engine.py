@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from streamtta.config import load_config
-from streamtta.engine import CheckpointStore, Components, Engine, Outputs
+from streamtta.checkpoints import CheckpointStore
+from streamtta.engine import Engine, Outputs
+from streamtta.pipeline import Pipeline
+from streamtta.records import prediction_docs
+from streamtta.runner import build_pipeline
 from streamtta.models.registry import load_model
 from streamtta.runlog import RunLog
 from streamtta.simulations.digits import load_digits_32
@@ -54,7 +58,7 @@ def cfg_for(tmp_path, spec="bn", bs=32):
 
 def test_offline_run_predicts_every_record_and_dead_letters_bad_ones(tmp_path, model_meta):
     cfg = cfg_for(tmp_path)
-    comps = Components(cfg, *model_meta)
+    comps = build_pipeline(cfg, *model_meta)
     poison = {5, 70}
     src = MemorySource(digit_values(200, poison), topic="t")
     log = RunLog()
@@ -75,7 +79,7 @@ def test_offline_run_predicts_every_record_and_dead_letters_bad_ones(tmp_path, m
 
 def test_restart_from_checkpoint_skips_what_was_already_output(tmp_path, model_meta):
     cfg = cfg_for(tmp_path, spec="unmix-tns+tent", bs=16)
-    comps, values, store = Components(cfg, *model_meta), digit_values(160), CheckpointStore(cfg.engine.checkpoint_dir)
+    comps, values, store = build_pipeline(cfg, *model_meta), digit_values(160), CheckpointStore(cfg.engine.checkpoint_dir)
     src1, eng1, first = run_until_crash(cfg, comps, values, store, 80)
     committed = src1.committed[("t", 0)]
     assert committed == max(first) + 1
@@ -88,7 +92,7 @@ def test_restart_from_checkpoint_skips_what_was_already_output(tmp_path, model_m
     assert cfg.monitor.hold_batches == 1 and eng2.skipped == 32 + 16
     assert sorted(first | set(second)) == list(range(160)) and not (first & set(second))
     # the restored adaptation state is the checkpointed one, not a fresh one
-    st = eng2.states["t:0"]
+    st = eng2.states["t:0"].pipe
     assert st.batch_index == 10 and st.n_samples == 160
 
 
@@ -103,7 +107,7 @@ def test_checkpoint_store_is_atomic_and_round_trips(tmp_path):
 
 def test_ood_samples_never_feed_adaptation(tmp_path, model_meta):
     cfg = cfg_for(tmp_path, spec="tent", bs=32)
-    comps = Components(cfg, *model_meta)
+    comps = build_pipeline(cfg, *model_meta)
     rng = np.random.default_rng(0)
     d = load_digits_32()
     vals = []
@@ -121,7 +125,7 @@ def test_ood_samples_never_feed_adaptation(tmp_path, model_meta):
 def test_gate_scorer_also_keeps_its_flags_out_of_adaptation(tmp_path, model_meta):
     cfg = cfg_for(tmp_path, spec="tent", bs=32)
     cfg.scorer.name, cfg.scorer.gate = "energy", "mahalanobis"
-    comps = Components(cfg, *model_meta)
+    comps = build_pipeline(cfg, *model_meta)
     rng = np.random.default_rng(1)
     d = load_digits_32()
     vals = [encode_tensor(d.x_test[i] if i % 3 else rng.random((1, 32, 32), dtype=np.float32), "cam")
@@ -129,8 +133,8 @@ def test_gate_scorer_also_keeps_its_flags_out_of_adaptation(tmp_path, model_meta
     log = RunLog()
     eng, _ = make_engine(cfg, MemorySource(vals, topic="t"), comps, runlog=log)
     eng.run()
-    st = next(iter(eng.states.values()))
-    assert st.gate_scorer is not None and st.gate_scorer.name == "mahalanobis"
+    st = next(iter(eng.states.values())).pipe
+    assert st.parts.gate_scorer is not None and st.parts.gate_scorer.name == "mahalanobis"
     flags, upd = log.ood_flags(), np.array([u for b in log.batches for u in b.updated])
     assert not (flags & upd).any()
     # the gate scorer removed samples that the main scorer accepted
@@ -139,9 +143,9 @@ def test_gate_scorer_also_keeps_its_flags_out_of_adaptation(tmp_path, model_meta
     # checkpointed with the rest of the stream state
     saved = st.state_dict()
     assert saved["gate_scorer"] is not None
-    fresh = comps.new_state("x")
+    fresh = comps.spawn()
     fresh.load_state_dict(saved)
-    assert fresh.gate_scorer.state_dict().keys() == saved["gate_scorer"].keys()
+    assert fresh.parts.gate_scorer.state_dict().keys() == saved["gate_scorer"].keys()
 
 
 def test_shift_inside_a_batch_is_reprocessed_in_two_parts(tmp_path, model_meta):
@@ -161,7 +165,7 @@ def test_shift_inside_a_batch_is_reprocessed_in_two_parts(tmp_path, model_meta):
                                      "monitor": {"readapt": readapt},
                                      "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
         log = RunLog()
-        eng, out = make_engine(cfg, MemorySource(vals, topic="t"), Components(cfg, *model_meta), runlog=log)
+        eng, out = make_engine(cfg, MemorySource(vals, topic="t"), build_pipeline(cfg, *model_meta), runlog=log)
         eng.run()
         assert sorted(p["offset"] for p in out.predictions.values) == list(range(n))
         b = log.batches[20]
@@ -187,14 +191,13 @@ def test_readapt_options_are_checked_before_anything_runs(tmp_path, model_meta):
     cfg = cfg_for(tmp_path, spec="source")
     cfg.monitor.readapt_options = {"decay_batches": -1}  # a bad value: caught when the components are built
     with pytest.raises(ValueError, match="monitor.readapt_options"):
-        Components(cfg, *model_meta)
+        build_pipeline(cfg, *model_meta)
 
 
 def test_restart_learns_the_batch_before_the_scorer_is_refit(tmp_path, model_meta, monkeypatch):
     """With the meta restart on, the shift batch feeds the scorer memories and the buffer before the restart
     re-fits the scorer (not after, which would undo the re-fit), and only once."""
     from streamtta.readapt import ReAdapter
-    from streamtta.engine import StreamState
     from streamtta.simulations.corruptions import corrupt
 
     d = load_digits_32()
@@ -203,15 +206,15 @@ def test_restart_learns_the_batch_before_the_scorer_is_refit(tmp_path, model_met
     x[cp:] = corrupt(x[cp:], "contrast", 5, 0)
     vals = [encode_tensor(x[i], "cam") for i in range(n)]
     calls = []
-    learn, shift = StreamState.learn_scores, ReAdapter.on_shift
-    monkeypatch.setattr(StreamState, "learn_scores", lambda self, *a: (calls.append(("learn", self.batch_index)),
+    learn, shift = Pipeline.learn_scores, ReAdapter.on_shift
+    monkeypatch.setattr(Pipeline, "learn_scores", lambda self, *a: (calls.append(("learn", self.batch_index)),
                                                                         learn(self, *a))[1])
     monkeypatch.setattr(ReAdapter, "on_shift", lambda self, *a, **k: (calls.append(("restart", len(self))),
                                                                        shift(self, *a, **k))[1])
     cfg = load_config(overrides={"engine": {"batch_size": 64, "checkpoint_dir": str(tmp_path / "ck")},
                                  "monitor": {"readapt_options": {"restart": True, "steps": 1}},
                                  "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
-    eng, out = make_engine(cfg, MemorySource(vals, topic="t"), Components(cfg, *model_meta))
+    eng, out = make_engine(cfg, MemorySource(vals, topic="t"), build_pipeline(cfg, *model_meta))
     eng.run()
     i = calls.index(next(c for c in calls if c[0] == "restart"))
     assert calls[i - 1] == ("learn", 20) and calls[i + 1] == ("learn", 21)  # batch 20 learned once, before
@@ -239,7 +242,7 @@ def test_held_batch_is_reprocessed_when_the_shift_is_confirmed_one_batch_late(tm
                                      "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
         logs[hold] = log = RunLog()
         src = MemorySource(vals, topic="t")
-        eng, out = make_engine(cfg, src, Components(cfg, *model_meta), runlog=log)
+        eng, out = make_engine(cfg, src, build_pipeline(cfg, *model_meta), runlog=log)
         eng.run()
         assert sorted(p["offset"] for p in out.predictions.values) == list(range(n)) and src.committed == {("t", 0): n}
         assert [b.first_offset for b in log.batches] == list(range(0, n, 64))  # emitted in order
@@ -261,11 +264,11 @@ def test_held_batch_is_reprocessed_when_the_shift_is_confirmed_one_batch_late(tm
 def test_held_records_are_never_committed_and_their_predictions_survive_a_crash(tmp_path, model_meta):
     cfg = cfg_for(tmp_path, spec="bn", bs=16)
     cfg.monitor.hold_batches = 2
-    comps, values, store = Components(cfg, *model_meta), digit_values(160), CheckpointStore(cfg.engine.checkpoint_dir)
+    comps, values, store = build_pipeline(cfg, *model_meta), digit_values(160), CheckpointStore(cfg.engine.checkpoint_dir)
     src1, eng1, first = run_until_crash(cfg, comps, values, store, 80)
     assert first == set(range(48))  # 5 batches processed, the last 2 held
-    assert src1.committed[("t", 0)] == 48 and len(eng1.states["t:0"].held) == 2
-    held = {p["offset"]: p for b in eng1.states["t:0"].held for p in eng1._prediction_docs(b)}
+    assert src1.committed[("t", 0)] == 48 and len(eng1.states["t:0"].pipe.held) == 2
+    held = {p["offset"]: p for b in eng1.states["t:0"].pipe.held for p in prediction_docs(b)}
     # the restart writes the held predictions from the checkpoint and skips their records: the adapter,
     # which had adapted on them before the crash, does not adapt on them again
     src2 = MemorySource(values, topic="t", start_offsets=dict(src1.committed))
@@ -275,7 +278,7 @@ def test_held_records_are_never_committed_and_their_predictions_survive_a_crash(
     assert sorted(first | set(second)) == list(range(160)) and not (first & set(second)) and len(second) == 112
     assert [p for p in out2.predictions.values if p["offset"] in held] == [held[o] for o in sorted(held)]
     assert eng2.skipped == 32 and src2.committed == {("t", 0): 160}
-    st = eng2.states["t:0"]
+    st = eng2.states["t:0"].pipe
     assert st.held == [] and st.batch_index == 10 and st.n_samples == 160
 
 
@@ -285,7 +288,7 @@ def test_held_predictions_are_released_after_hold_max_s_and_checkpoints_follow(t
         cfg = cfg_for(tmp_path / tag, spec="bn", bs=16)
         cfg.monitor.hold_max_s = max_s
         store = CheckpointStore(cfg.engine.checkpoint_dir)
-        eng, out = make_engine(cfg, MemorySource(digit_values(96), topic="t"), Components(cfg, *model_meta),
+        eng, out = make_engine(cfg, MemorySource(digit_values(96), topic="t"), build_pipeline(cfg, *model_meta),
                                store=store)
         held_before, process = [], eng.process
 

@@ -19,9 +19,23 @@ from confluent_kafka import TopicPartition as KTP
 
 from streamtta.stream.broker import BrokerStartError, EmbeddedBroker
 from streamtta.stream.envelope import DecodeError, decode_value, encode_tensor
-from streamtta.stream.kafka import (DLQ_HEADERS, DeliveryError, KafkaDeadLetter, KafkaSink, KafkaSource,
-                                    _to_raw, ensure_topics, make_producer)
-from streamtta.stream.memory import JsonlSink, MemoryDeadLetter, MemorySink, MemorySource, SimulatedCrash
+from streamtta.stream.kafka import (
+    DLQ_HEADERS,
+    DeliveryError,
+    KafkaDeadLetter,
+    KafkaSink,
+    KafkaSource,
+    ensure_topics,
+    make_producer,
+    to_raw,
+)
+from streamtta.stream.memory import (
+    JsonlSink,
+    MemoryDeadLetter,
+    MemorySink,
+    MemorySource,
+    SimulatedCrash,
+)
 from streamtta.stream.producer import produce_raw, replay
 from streamtta.types import RawRecord, Sample
 
@@ -38,7 +52,7 @@ def read_all(bootstrap: str, topic: str, timeout: float = 15.0) -> list[RawRecor
         while pending and time.monotonic() < deadline:
             for m in c.consume(500, 0.2):
                 if m.error() is None:
-                    out.append(_to_raw(m))
+                    out.append(to_raw(m))
                 elif m.error().code() == KafkaError._PARTITION_EOF:
                     pending.discard(m.partition())
         assert not pending, f"partitions {pending} of {topic} did not reach EOF in {timeout} s"
@@ -123,20 +137,21 @@ def test_consume_commit_and_resume_in_same_group(embedded_broker, unique_name):
         src2.consume(1, 0.1)
 
 
-def test_stop_at_end_on_empty_partitions_and_start_offsets(embedded_broker, unique_name):
+def test_stop_at_end_on_empty_partitions(embedded_broker, unique_name):
     bs, topic = embedded_broker.bootstrap_servers, unique_name
     ensure_topics(bs, {topic: 2})
     produce_raw(bs, topic, [encode_tensor(np.full(2, i, np.float32), "s") for i in range(6)], key="s")
-    # an on_assign callback may choose start offsets (e.g. from a state checkpoint)
     src = KafkaSource(bs, topic, f"g-{unique_name}", stop_at_end=True)
-    src.on_assign(lambda tps: {tp: 4 for tp in tps})
+    assigned: list = []
+    src.on_assign(assigned.append)  # assigned partitions start at the committed offset (none: the beginning)
     got: list[RawRecord] = []
     deadline = time.monotonic() + 15
     while not src.at_end() and time.monotonic() < deadline:
         got += src.consume(10, 0.2)
     assert src.at_end(), "at_end() must turn True once both partitions (one empty) reported EOF"
-    assert sorted(src.assignment()) == [(topic, 0), (topic, 1)]
-    assert [r.offset for r in got] == [4, 5] and len({r.partition for r in got}) == 1
+    assert sorted(src.assignment()) == [(topic, 0), (topic, 1)] == sorted(tp for tps in assigned for tp in tps)
+    assert [r.offset for r in got] == list(range(6)) and len({r.partition for r in got}) == 1
+    assert [float(decode_value(r.value).x[0]) for r in got] == [float(i) for i in range(6)]
     src.close()
 
 

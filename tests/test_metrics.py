@@ -1,4 +1,4 @@
-"""Tests for streamtta.metrics: hand-computed cases and scikit-learn cross-checks."""
+"""Tests for streamtta.metrics: hand-computed cases and direct numpy formulas written out here (not scikit-learn)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from streamtta import metrics as M
 from streamtta.runlog import BatchRecord, RunLog
@@ -56,16 +55,38 @@ def test_accuracy_mask_and_empty():
         M.accuracy([1, 2], [1])
 
 
-def test_auroc_perfect_reversed_and_sklearn():
+def auroc_by_pairs(s, u):
+    """P(unknown scores above known) + 1/2 P(tie), over every (unknown, known) pair."""
+    s, u = np.asarray(s, dtype=float), np.asarray(u, dtype=bool)
+    diff = s[u][:, None] - s[~u][None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def average_precision_by_threshold(positive, ranking):
+    """Sum over distinct thresholds t (descending) of (recall gain) x (precision of ``ranking >= t``)."""
+    positive, ranking = np.asarray(positive, dtype=bool), np.asarray(ranking, dtype=float)
+    ap, prev_recall = 0.0, 0.0
+    for t in np.unique(ranking)[::-1]:
+        sel = ranking >= t
+        tp = (positive & sel).sum()
+        recall = tp / positive.sum()
+        ap += (recall - prev_recall) * tp / sel.sum()
+        prev_recall = recall
+    return float(ap)
+
+
+def test_auroc_perfect_reversed_and_pair_count():
     s = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
     u = np.array([False, False, False, True, True])
     assert M.auroc(s, u) == 1.0
     assert M.auroc(-s, u) == 0.0
+    # by hand: pairs (unknown, known) = (0.4, 0.1) win, (0.4, 0.4) tie, (0.8, 0.1) win, (0.8, 0.4) win
+    assert M.auroc([0.1, 0.4, 0.4, 0.8], [False, True, False, True]) == pytest.approx(3.5 / 4)
     rng = np.random.default_rng(1)
-    s = rng.normal(size=300)
+    s = np.round(rng.normal(size=300), 1)  # with ties
     u = rng.random(300) < 0.3
     s[u] += 1.0
-    assert M.auroc(s, u) == pytest.approx(roc_auc_score(u, s))
+    assert M.auroc(s, u) == pytest.approx(auroc_by_pairs(s, u))
     assert 0.5 < M.auroc(s, u) < 1.0
 
 
@@ -123,13 +144,22 @@ def test_fpr95_id_constructed():
     assert M.fpr_at_tpr_id(s, u) == pytest.approx(0.5)
 
 
-def test_aupr_in_out_match_sklearn_and_perfect():
+def test_aupr_in_out_hand_example():
+    s = [0.9, 0.8, 0.7, 0.6, 0.5]
+    u = [True, False, True, False, False]
+    # out (unknown positive, high score first): 0.9 hit P=1 R=1/2, 0.8 miss, 0.7 hit P=2/3 R=1
+    assert M.aupr_out(s, u) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    # in (known positive, low score first): 0.5 P=1 R=1/3, 0.6 P=1 R=2/3, 0.7 miss, 0.8 P=3/4 R=1
+    assert M.aupr_in(s, u) == pytest.approx((1 + 1 + 3 / 4) / 3)
+
+
+def test_aupr_in_out_match_threshold_formula_and_perfect():
     rng = np.random.default_rng(3)
-    s = rng.normal(size=200)
+    s = np.round(rng.normal(size=200), 1)  # with ties
     u = rng.random(200) < 0.25
     s[u] += 1.5
-    assert M.aupr_out(s, u) == pytest.approx(average_precision_score(u, s))
-    assert M.aupr_in(s, u) == pytest.approx(average_precision_score(~u, -s))
+    assert M.aupr_out(s, u) == pytest.approx(average_precision_by_threshold(u, s))
+    assert M.aupr_in(s, u) == pytest.approx(average_precision_by_threshold(~u, -s))
     sp = np.r_[np.zeros(4), np.ones(3)]
     up = np.r_[np.zeros(4, bool), np.ones(3, bool)]
     assert M.aupr_in(sp, up) == 1.0 and M.aupr_out(sp, up) == 1.0
@@ -252,7 +282,7 @@ def test_summarize_labelled_run_matches_direct_computation():
     known = (labels >= 0) & ~unk
     assert m["acc"] == pytest.approx(100 * (preds[known] == labels[known]).mean())
     assert m["err"] == pytest.approx(100 - m["acc"])
-    assert m["auroc"] == pytest.approx(100 * roc_auc_score(unk, log.ood_scores()))
+    assert m["auroc"] == pytest.approx(100 * auroc_by_pairs(log.ood_scores(), unk))
     flags = log.ood_flags()
     acc_s = ((preds == labels) & ~flags)[known].mean()
     acc_n = flags[unk].mean()
@@ -275,8 +305,8 @@ def test_summarize_labelled_run_matches_direct_computation():
     assert m["n_false_alarms"] == 0 and m["n_missed"] == 0 and m["n_shift_alerts"] == 2 and m["n_alerts"] == 3
     # speed
     assert m["samples_per_s"] == pytest.approx(300 / 2.0)
-    assert m["latency_p50_ms"] == pytest.approx(np.percentile(np.arange(1, 31), 50))
-    assert m["latency_p99_ms"] == pytest.approx(np.percentile(np.arange(1, 31), 99))
+    assert m["latency_p50_ms"] == pytest.approx(15.5)  # 1..30 ms: halfway between the 15th and 16th
+    assert m["latency_p99_ms"] == pytest.approx(1 + 0.99 * 29)  # linear interpolation at rank 0.99 * (30 - 1)
     assert m["peak_rss_mb"] == 321.0 and m["n_resets"] == 1
     # series
     assert len(s["series"]["acc"]) == 30
@@ -314,7 +344,7 @@ def test_summarize_known_classes_and_explicit_change_points_and_horizon():
     labels = log.labels()
     unk = labels == 4
     assert s["n_unknown"] == int(unk.sum())
-    assert s["auroc"] == pytest.approx(100 * roc_auc_score(unk, log.ood_scores()))
+    assert s["auroc"] == pytest.approx(100 * auroc_by_pairs(log.ood_scores(), unk))
     assert s["shift"]["change_points"] == [150]
     assert s["shift"]["delays"] == [19]  # batch 16 ends at sample 169
     assert s["shift"]["false_alarms"] == [299]  # batch 29 is beyond the 50-sample horizon

@@ -58,7 +58,7 @@ def test_aggregate_mean_std_over_seeds():
     a = agg[1]
     assert a["n_seeds"] == 3 and a["seeds"] == [0, 1, 2]
     assert a["metrics_mean"]["acc"] == pytest.approx(71.0)
-    assert a["metrics_std"]["acc"] == pytest.approx(np.std([70, 71, 72], ddof=1))
+    assert a["metrics_std"]["acc"] == pytest.approx(1.0)  # sqrt(((70-71)^2 + 0 + (72-71)^2) / (3 - 1))
     assert a["metrics_mean"]["auroc"] is None and a["metrics_n"]["auroc"] == 0
     assert agg[3]["metrics_mean"]["auroc"] == pytest.approx(82.0)
     assert "note" not in a["metrics_mean"]  # non-numeric metrics are not aggregated

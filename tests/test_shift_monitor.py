@@ -3,9 +3,10 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from streamtta.detectors import OODBurstRule, ShiftMonitor, batch_signals
-from streamtta.detectors.shift.monitor import input_signals, make_detector
+from streamtta.detectors.shift import ReplayDetector, input_signals, make_detector
 
 
 def run(mon, series, start=0):
@@ -93,7 +94,8 @@ def test_state_round_trip_continues_identically():
     run(a, series[:100])
     b = ShiftMonitor(signals=("mean_score",))
     state = a.state_dict()
-    assert isinstance(state["tracks"]["mean_score"]["detector"], bytes)
+    values = state["tracks"]["mean_score"]["detector_values"]
+    assert isinstance(values, list) and all(type(v) is float for v in values)
     b.load_state_dict(copy.deepcopy(state))
     ea = [e.batch_index for e in run(a, series[100:], start=100)]
     eb = [e.batch_index for e in run(b, series[100:], start=100)]
@@ -141,3 +143,44 @@ def test_ood_burst_rule():
     ev.update(0.9, 0)
     out = ev.update(0.8, 1)
     assert out.rate == pytest.approx(0.85) and out.alert_kind == "ood_burst"
+
+
+def test_replay_detector_stays_bounded_and_restores_exactly_after_compaction():
+    rng = np.random.default_rng(3)
+    xs = rng.normal(0.0, 1.0, 300).tolist()
+    live = ReplayDetector("kswin", seed=0, max_values=40)
+    for x in xs[:200]:
+        live.update(x)
+        assert len(live.values) <= 40
+    twin = ReplayDetector("kswin", seed=0, max_values=40)
+    twin.load_values(list(live.values))
+    assert [live.update(x) for x in xs[200:]] == [twin.update(x) for x in xs[200:]]
+    assert live.values == twin.values
+
+
+def test_monitor_state_is_plain_data_and_old_pickled_detectors_are_never_loaded(tmp_path):
+    series = step_series(160, 110, 7.0, 4)
+    a = ShiftMonitor(signals=("mean_score",), replay_size=64)
+    run(a, series[:100])
+    torch.save(a.state_dict(), tmp_path / "monitor.pt")
+    b = ShiftMonitor(signals=("mean_score",), replay_size=64)
+    b.load_state_dict(torch.load(tmp_path / "monitor.pt", weights_only=True))
+    assert [e.batch_index for e in run(a, series[100:], 100)] == [e.batch_index for e in run(b, series[100:], 100)]
+    # a state of the pickling format: the bytes are ignored (unpickling these would raise), the detector restarts
+    old = a.state_dict()
+    for t in old["tracks"].values():
+        t["detector"] = b"\x80\x04not a pickle"
+        del t["detector_values"]
+    c = ShiftMonitor(signals=("mean_score",))
+    c.load_state_dict(old)
+    assert c.tracks["mean_score"].detector.values == [] and list(c.tracks["mean_score"].ref) == list(a.tracks["mean_score"].ref)
+
+
+def test_burst_rule_state_round_trip(tmp_path):
+    rule = OODBurstRule(level=0.5, n_batches=3)
+    for b, r in enumerate([0.6, 0.7]):
+        rule.update(r, b)
+    torch.save(rule.state_dict(), tmp_path / "burst.pt")
+    other = OODBurstRule(level=0.5, n_batches=3)
+    other.load_state_dict(torch.load(tmp_path / "burst.pt", weights_only=True))
+    assert other.update(0.8, 2) is not None and rule.update(0.8, 2) is not None

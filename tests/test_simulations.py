@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from streamtta.simulations.cifar_c import CIFAR_C_CORRUPTIONS, cifar_c_labels, load_cifar_c
-from streamtta.simulations.orderings import dirichlet_order, iid_order, make_order, sorted_order
+from streamtta.simulations.orderings import dirichlet_chunks, dirichlet_order, iid_order, make_order, sorted_order
 from streamtta.simulations.schedules import (
     GRADUAL_SEVERITIES,
     Schedule,
@@ -74,10 +74,33 @@ def test_dirichlet_correlation_decreases_with_delta():
     assert big < iid_runs  # class pieces stay contiguous inside each chunk, even for a large delta
 
 
-def test_dirichlet_balances_chunks():
-    # with min_chunk_size satisfied each chunk is non-trivial; counts are preserved for uneven classes
-    o = dirichlet_order(UNEVEN, 0.1, 0, num_chunks=4)
+@pytest.mark.parametrize("seed", range(5))
+def test_dirichlet_balances_chunks(seed):
+    n, k = len(UNEVEN), 4
+    chunks = dirichlet_chunks(UNEVEN, 0.1, seed, num_chunks=4)
+    # the chunks are those of the order itself, and the order keeps every class count
+    o = dirichlet_order(UNEVEN, 0.1, seed, num_chunks=4)
+    np.testing.assert_array_equal(np.concatenate(chunks), o)
     np.testing.assert_array_equal(np.bincount(UNEVEN[o]), np.bincount(UNEVEN))
+    assert len(chunks) == k
+    cap = n / k  # a chunk that holds n / k samples receives no further class piece
+    for c in chunks:
+        y = UNEVEN[c]
+        assert len(c) >= 10  # min_chunk_size
+        # every class inside a chunk is one contiguous piece
+        assert n_runs(y) == len(np.unique(y))
+        # the chunk was still below the cap before its last piece arrived (so before its largest one)
+        largest_piece = np.bincount(y).max()
+        assert len(c) - largest_piece < cap
+
+
+def test_dirichlet_min_chunk_size_is_met_when_possible():
+    # a stricter minimum forces redraws (the first draw of seeds 1, 2 and 4 has a chunk below 70)
+    for seed in range(5):
+        chunks = dirichlet_chunks(UNEVEN, 0.1, seed, num_chunks=4, min_chunk_size=70)
+        assert min(len(c) for c in chunks) >= 70
+        np.testing.assert_array_equal(np.concatenate(chunks),
+                                      dirichlet_order(UNEVEN, 0.1, seed, num_chunks=4, min_chunk_size=70))
 
 
 def test_dirichlet_errors():

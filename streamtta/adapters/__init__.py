@@ -47,26 +47,13 @@ single source-like samples (first-layer instance statistics within the clean-sou
 measured in the same pass) when their batch also holds far samples
 (gradual domain transitions) or when the statistics the adapter used do not fit them (still tuned
 to a previous, far domain).
-Measured with ``streamtta bench simulations/digits-c-{iid,noniid,sorted}.toml --methods
-source,bn,tent,rbn,unmix-tns,default --seeds 1,2,3`` (Digits-C severity 5, 10 corruptions,
-2,000 samples each, adapter reset per domain, batch 64, ``digits-resnet``), accuracy %:
+Gradient steps are opt-in, e.g. ``"cb-stats+tent+conf-drop+ema-source"``.
 
-=====================  =======  ===============  ======
-method                 i.i.d.   Dirichlet(0.1)   sorted
-=====================  =======  ===============  ======
-source                 74.9     74.9             75.0
-bn (BN-adapt)          91.6     34.4             27.7
-tent                   91.8     34.0             27.0
-rbn (RoTTA stats)      86.6     80.2             78.4
-unmix-tns (published)  64.1     63.5             61.0
-default                91.0     91.3             86.1
-=====================  =======  ===============  ======
-
-(engine defaults: contrast scorer, fusion adaptation gate). The source class prior is what makes
-one-class batches work from the first batch of a domain (seed 0, before the prior: sorted 72.5,
-Dirichlet 82.6, i.i.d. 91.0). Adding TENT (+conf-drop+ema-source) on top of ``cb-stats`` did not
-help in our measurements and doubles the step cost, so gradient steps are opt-in, e.g.
-``"cb-stats+tent+conf-drop+ema-source"``.
+Layout: :mod:`~streamtta.adapters.composite` (the adapter and its step),
+:mod:`~streamtta.adapters.spec` (the spec API: :mod:`~streamtta.adapters.terms`,
+:mod:`~streamtta.adapters.grammar`, :mod:`~streamtta.adapters.build`), one package per component
+kind (:mod:`~streamtta.adapters.norms`, :mod:`~streamtta.adapters.objectives`,
+:mod:`~streamtta.adapters.filters`, :mod:`~streamtta.adapters.guards`).
 """
 from streamtta.adapters.base import Adapter, Gate
 from streamtta.adapters.composite import CompositeAdapter

@@ -19,14 +19,15 @@ class ShiftEvent:
 
     ``kind`` is ``"covariate"`` (known classes look different) or ``"semantic"`` (new classes
     arrived); ``signals`` are the monitored signals whose detectors fired; ``evidence`` holds the
-    figures behind the decision (z-scores, reference/recent means, test p-value, onset estimate).
+    figures behind the decision (z-scores, reference/recent means, test p-value, onset estimate);
+    ``detector`` names the river detector (the shift monitor's default unless given).
     """
 
     kind: str
     signals: tuple[str, ...]
     batch_index: int
     evidence: dict[str, Any] = field(default_factory=dict)
-    detector: str = "adwin"
+    detector: str = "page_hinkley"
 
     def __post_init__(self) -> None:
         if self.kind not in SHIFT_KINDS:
@@ -90,4 +91,5 @@ class DeadLetterEvent:
     alert_kind: str = "dead_letter"
 
 
+#: Every event type :class:`~streamtta.alerts.policy.AlertPolicy` accepts.
 Event = ShiftEvent | OODBurstEvent | NovelClusterEvent | GuardResetEvent | DeadLetterEvent

@@ -1,5 +1,8 @@
 """Alert policy: detector events -> :class:`~streamtta.alerts.schema.Alert` records.
 
+Events are the typed records of :mod:`streamtta.alerts.events` (shift, OOD burst, novel cluster,
+guard reset, dead letter); anything else is a ``TypeError``.
+
 The policy assigns a severity, writes a one-line message and JSON-safe evidence figures, records
 the action taken, drops alerts below ``min_severity`` and enforces a cooldown per *group* of
 kinds: covariate shift, semantic shift and OOD burst form one group (one shift = one alert, even
@@ -25,14 +28,15 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from streamtta.alerts.schema import Alert, AlertKind, OffsetRange, Severity
 from streamtta.alerts.events import (
     DeadLetterEvent,
+    Event,
     GuardResetEvent,
     NovelClusterEvent,
     OODBurstEvent,
     ShiftEvent,
 )
+from streamtta.alerts.schema import Alert, AlertKind, OffsetRange, Severity
 
 SEVERITY_ORDER = {Severity.info: 0, Severity.warning: 1, Severity.critical: 2}
 
@@ -111,8 +115,8 @@ class AlertPolicy:
         self.n_suppressed = 0
 
     # -- event -> fields ------------------------------------------------------------------
-    def _describe(self, event: Any) -> tuple[str, Severity, str, dict[str, Any], str | None]:
-        """``(kind, severity, message, evidence, action)`` of one event."""
+    def _describe(self, event: Event) -> tuple[str, Severity, str, dict[str, Any], str | None]:
+        """``(kind, severity, message, evidence, action)`` of one typed event (TypeError for anything else)."""
         if isinstance(event, ShiftEvent):
             z = event.evidence.get("z", {})
             zmax = max((abs(float(z[s])) for s in event.signals if s in z), default=0.0)
@@ -139,20 +143,10 @@ class AlertPolicy:
             sev = Severity.warning if event.count >= self.dead_letter_warning else Severity.info
             msg = f"{event.count} undecodable record(s) sent to the dead-letter sink{': ' + event.reason if event.reason else ''}"
             return event.alert_kind, sev, msg, {"count": event.count, **event.evidence}, "dead_lettered"
-        if isinstance(event, tuple) and len(event) == 2 and isinstance(event[0], str):
-            kind, info = event
-            if kind == "collapse_guard":
-                return self._describe(GuardResetEvent(batch_index=-1, reason=str(dict(info or {}).get("reason", "")),
-                                                      evidence=dict(info or {})))
-            if kind == "dead_letter":
-                info = dict(info or {})
-                return self._describe(DeadLetterEvent(batch_index=-1, count=int(info.get("count", 1)),
-                                                      reason=str(info.get("reason", "")), evidence=info))
-            raise ValueError(f"unknown event kind {kind!r}")
         raise TypeError(f"AlertPolicy cannot handle event of type {type(event).__name__}")
 
     # -- public API ------------------------------------------------------------------------
-    def handle(self, event: Any, *, stream_id: str, offsets: OffsetRange, batch_index: int,
+    def handle(self, event: Event, *, stream_id: str, offsets: OffsetRange, batch_index: int,
                signals: Mapping[str, float] | None = None, action: str | None = None,
                event_time: float | None = None) -> Alert | None:
         """One event -> one alert, or ``None`` when suppressed (cooldown, severity)."""
@@ -173,7 +167,7 @@ class AlertPolicy:
                             message=message, evidence=jsonable(evidence), action=action or ev_action,
                             batch_index=int(batch_index), event_time=event_time)
 
-    def process(self, events: Iterable[Any], *, stream_id: str, offsets: OffsetRange, batch_index: int,
+    def process(self, events: Iterable[Event], *, stream_id: str, offsets: OffsetRange, batch_index: int,
                 signals: Mapping[str, float] | None = None, event_time: float | None = None) -> list[Alert]:
         """All events of one batch -> the alerts to emit (most severe first within a group)."""
         described = list(events)

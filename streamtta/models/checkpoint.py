@@ -88,6 +88,8 @@ class ModelMeta(BaseModel):
     data_split: DataSplit
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     train_seconds: float | None = None
+    #: Optimizer steps the training took (``epochs x max(1, n_train // batch_size)``).
+    train_steps: int | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelMeta":

@@ -37,7 +37,7 @@ from streamtta.models.checkpoint import ModelMeta, load_checkpoint, load_torchsc
 
 log = logging.getLogger("streamtta.models")
 
-#: Built-in model name -> training dataset (see :data:`streamtta.models.train.RECIPES`).
+#: Built-in model name -> training dataset (see :data:`streamtta.models.recipes.RECIPES`).
 BUILTIN_MODELS: dict[str, str] = {"digits-resnet": "digits", "segment-mlp": "segment"}
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"

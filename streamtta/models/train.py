@@ -18,20 +18,19 @@ Command line (same options as ``streamtta train-source``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import math
 import os
 import shlex
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from streamtta.models.augment import random_affine
 from streamtta.models.checkpoint import DataSplit, ModelMeta, Normalisation, build_from_meta, save_checkpoint
 from streamtta.models.data import (
     canonical_dataset,
@@ -42,72 +41,13 @@ from streamtta.models.data import (
     load_source_train,
     source_holdout,
 )
+from streamtta.models.fit import fit_classifier
+from streamtta.models.recipes import RECIPES, Recipe
 
-__all__ = ["train_source", "source_holdout", "load_source_train", "load_source_test", "RECIPES", "main"]
+__all__ = ["train_source", "source_holdout", "load_source_train", "load_source_test", "RECIPES", "Recipe",
+           "random_affine", "accuracy", "main"]
 
 log = logging.getLogger("streamtta.models")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Default architecture and optimisation settings of one built-in dataset."""
-
-    name: str  # builtin model name
-    arch: str
-    arch_kwargs: dict[str, Any]
-    epochs: int
-    lr: float
-    batch_size: int
-    weight_decay: float
-    augment: bool
-    #: Default unknown classes, as negative offsets from the end (-1 = last class).
-    unknown_from_end: tuple[int, ...] = field(default=(-1,))
-
-
-RECIPES: dict[str, Recipe] = {
-    "digits": Recipe(
-        name="digits-resnet",
-        arch="resnet",
-        arch_kwargs={"in_channels": 1, "widths": [16, 32, 64], "blocks_per_stage": 1},
-        epochs=12,
-        lr=0.05,
-        batch_size=64,
-        weight_decay=5e-4,
-        augment=True,
-        unknown_from_end=(-2, -1),
-    ),
-    "segment": Recipe(
-        name="segment-mlp",
-        arch="mlp",
-        arch_kwargs={"hidden": [64, 32], "dropout": 0.0},
-        epochs=60,
-        lr=0.05,
-        batch_size=64,
-        weight_decay=5e-4,
-        augment=False,
-        unknown_from_end=(-1,),
-    ),
-}
-
-
-def random_affine(
-    x: torch.Tensor,
-    generator: torch.Generator,
-    max_degrees: float = 10.0,
-    max_shift: float = 0.1,
-    scale: tuple[float, float] = (0.9, 1.1),
-) -> torch.Tensor:
-    """Random rotation / scale / shift per image (zero padding); ``max_shift`` is a fraction of
-    the image size."""
-    n = x.shape[0]
-    u = torch.rand(n, 4, generator=generator) * 2 - 1
-    ang = u[:, 0] * math.radians(max_degrees)
-    s = (scale[0] + scale[1]) / 2 + u[:, 1] * (scale[1] - scale[0]) / 2
-    tx, ty = u[:, 2] * 2 * max_shift, u[:, 3] * 2 * max_shift
-    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @torch.no_grad()
@@ -193,32 +133,8 @@ def train_source(
         raise ValueError(f"need epochs >= 0, lr > 0 and batch_size >= 2; got {epochs}, {lr}, {batch_size}")
 
     split = load_dataset_split(key, test_fraction, split_seed)
-    n_cls = split.num_classes
-    default_known = known_classes is None
-    if known_classes is None:
-        unknown_default = {n_cls + k for k in recipe.unknown_from_end}
-        known = [c for c in range(n_cls) if c not in unknown_default]
-    else:
-        known = [int(c) for c in known_classes]
-        bad = [c for c in known if not 0 <= c < n_cls]
-        if bad or len(set(known)) != len(known) or len(known) < 2:
-            raise ValueError(
-                f"known_classes must be >= 2 distinct ids in 0..{n_cls - 1} for {key!r}, got {list(known_classes)}"
-            )
-    unknown = [c for c in range(n_cls) if c not in known]
-
+    known = _known_classes(key, split.num_classes, recipe, known_classes)
     fit_idx, hold_idx = holdout_indices(split.y_train, known, holdout_fraction, split_seed)
-    x_fit_np = split.x_train[fit_idx]
-    if split.kind == "image":
-        mean = [float(x_fit_np[:, c].mean()) for c in range(x_fit_np.shape[1])]
-        std = [float(x_fit_np[:, c].std()) for c in range(x_fit_np.shape[1])]
-    else:
-        mean = x_fit_np.mean(0).astype(np.float64).tolist()
-        std = [s if s > 1e-6 else 1.0 for s in x_fit_np.std(0).astype(np.float64).tolist()]
-    arch_kwargs = dict(recipe.arch_kwargs, num_classes=len(known))
-    if recipe.arch == "mlp":
-        arch_kwargs["in_features"] = int(split.x_train.shape[1])
-
     out_path = Path(out) if out is not None else None
     model_name = name or recipe.name
     hyper = {"lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "momentum": 0.9,
@@ -230,23 +146,10 @@ def train_source(
         "holdout-fraction": None if holdout_fraction == 0.15 else holdout_fraction,
         "name": None if model_name == recipe.name else model_name,
     }
-    meta = ModelMeta(
-        name=model_name,
-        arch=recipe.arch,
-        arch_kwargs=arch_kwargs,
-        dataset=key,
-        classes=known,
-        class_names=[split.class_names[c] for c in known],
-        unknown_classes=unknown,
-        unknown_class_names=[split.class_names[c] for c in unknown],
-        input_shape=list(split.x_train.shape[1:]),
-        normalisation=Normalisation(mean=mean, std=std),
-        feature_dim=0,
-        seed=seed,
-        clean_accuracy=0.0,
-        epochs=epochs,
+    meta = _untrained_meta(
+        split, key, recipe, known, fit_idx, hold_idx, model_name=model_name, seed=seed, epochs=epochs,
         created_by=created_by
-        or _command(key, seed, epochs, None if default_known else known, out_path, extra_args),
+        or _command(key, seed, epochs, None if known_classes is None else known, out_path, extra_args),
         data_split=DataSplit(
             test_fraction=test_fraction,
             seed=split_seed,
@@ -258,6 +161,81 @@ def train_source(
 
     x_fit, y_fit = load_source_train(meta, as_index=True)
     t0 = time.perf_counter()
+    with _deterministic_torch(seed, num_threads):
+        model = build_from_meta(meta)
+        steps = fit_classifier(model, x_fit, y_fit, recipe.augment, epochs, lr, batch_size, weight_decay, seed,
+                               progress, model_name)
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+
+    meta = _evaluated_meta(meta, model, has_holdout=len(hold_idx) > 0, train_seconds=train_seconds,
+                           train_steps=steps)
+    log.info("trained %s: clean accuracy %.4f in %.1f s", model_name, meta.clean_accuracy, train_seconds)
+    if out_path is not None:
+        save_checkpoint(out_path, model, meta)
+    return model, meta
+
+
+def _known_classes(key: str, n_cls: int, recipe: Recipe, known_classes: Sequence[int] | None) -> list[int]:
+    """The dataset class ids the model learns, in output order (default: the recipe's)."""
+    if known_classes is None:
+        unknown_default = {n_cls + k for k in recipe.unknown_from_end}
+        return [c for c in range(n_cls) if c not in unknown_default]
+    known = [int(c) for c in known_classes]
+    bad = [c for c in known if not 0 <= c < n_cls]
+    if bad or len(set(known)) != len(known) or len(known) < 2:
+        raise ValueError(
+            f"known_classes must be >= 2 distinct ids in 0..{n_cls - 1} for {key!r}, got {list(known_classes)}"
+        )
+    return known
+
+
+def _input_normalisation(x_fit: np.ndarray, kind: str) -> Normalisation:
+    """Per-channel (images) or per-feature (tabular; constant features get std 1) mean and std of
+    the training inputs."""
+    if kind == "image":
+        mean = [float(x_fit[:, c].mean()) for c in range(x_fit.shape[1])]
+        std = [float(x_fit[:, c].std()) for c in range(x_fit.shape[1])]
+    else:
+        mean = x_fit.mean(0).astype(np.float64).tolist()
+        std = [s if s > 1e-6 else 1.0 for s in x_fit.std(0).astype(np.float64).tolist()]
+    return Normalisation(mean=mean, std=std)
+
+
+def _untrained_meta(split: Any, key: str, recipe: Recipe, known: list[int], fit_idx: np.ndarray,
+                    hold_idx: np.ndarray, *, model_name: str, seed: int, epochs: int, created_by: str,
+                    data_split: DataSplit, hyperparameters: dict[str, Any]) -> ModelMeta:
+    """The model's metadata before training (feature dimension and accuracies still 0)."""
+    n_cls = split.num_classes
+    unknown = [c for c in range(n_cls) if c not in known]
+    arch_kwargs = dict(recipe.arch_kwargs, num_classes=len(known))
+    if recipe.arch == "mlp":
+        arch_kwargs["in_features"] = int(split.x_train.shape[1])
+    return ModelMeta(
+        name=model_name,
+        arch=recipe.arch,
+        arch_kwargs=arch_kwargs,
+        dataset=key,
+        classes=known,
+        class_names=[split.class_names[c] for c in known],
+        unknown_classes=unknown,
+        unknown_class_names=[split.class_names[c] for c in unknown],
+        input_shape=list(split.x_train.shape[1:]),
+        normalisation=_input_normalisation(split.x_train[fit_idx], split.kind),
+        feature_dim=0,
+        seed=seed,
+        clean_accuracy=0.0,
+        epochs=epochs,
+        created_by=created_by,
+        data_split=data_split,
+        hyperparameters=hyperparameters,
+    )
+
+
+@contextlib.contextmanager
+def _deterministic_torch(seed: int, num_threads: int | None) -> Iterator[None]:
+    """Seeded, deterministic torch with ``num_threads`` intra-op threads (None: unchanged); the global
+    RNG, determinism flags and thread count are restored afterwards."""
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     prev_threads = torch.get_num_threads()
@@ -267,97 +245,27 @@ def train_source(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_from_meta(meta)
-            _fit(model, x_fit, y_fit, recipe.augment, epochs, lr, batch_size, weight_decay, seed, progress, model_name)
+            yield
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
         torch.set_num_threads(prev_threads)
-    train_seconds = time.perf_counter() - t0
-    model.eval()
 
+
+def _evaluated_meta(meta: ModelMeta, model: nn.Module, *, has_holdout: bool, train_seconds: float,
+                    train_steps: int) -> ModelMeta:
+    """``meta`` completed after training: feature dimension, clean test and holdout accuracy, cost."""
     x_te, y_te = load_source_test(meta, as_index=True)
-    x_ho, y_ho = source_holdout(meta, as_index=True) if len(hold_idx) else (x_te[:0], y_te[:0])
+    x_ho, y_ho = source_holdout(meta, as_index=True) if has_holdout else (x_te[:0], y_te[:0])
     meta = meta.model_copy(
         update={
             "feature_dim": int(model.fc.in_features),
             "clean_accuracy": round(accuracy(model, x_te, y_te), 6),
             "holdout_accuracy": round(accuracy(model, x_ho, y_ho), 6) if len(y_ho) else None,
             "train_seconds": round(train_seconds, 2),
+            "train_steps": int(train_steps),
         }
     )
-    meta = ModelMeta.model_validate(meta.model_dump())
-    log.info("trained %s: clean accuracy %.4f in %.1f s", model_name, meta.clean_accuracy, train_seconds)
-    if out_path is not None:
-        save_checkpoint(out_path, model, meta)
-    return model, meta
-
-
-def _fit(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    augment: bool,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    seed: int,
-    progress: bool,
-    label: str,
-) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, momentum=0.9, nesterov=True,
-    )
-    n = len(y)
-    steps_per_epoch = max(1, n // batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, total // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    bar = None
-    if progress and total:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), transient=False)
-        bar.start()
-        task = bar.add_task(f"train {label}", total=total, status="")
-    model.train()
-    step = 0
-    try:
-        for epoch in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for b in range(steps_per_epoch):
-                idx = perm[b * batch_size : (b + 1) * batch_size]
-                xb, yb = x[idx], y[idx]
-                if augment:
-                    xb = random_affine(xb, gen)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                loss_sum += float(loss.detach()) * len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
-                seen += len(yb)
-                if bar is not None:
-                    bar.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
-    finally:
-        if bar is not None:
-            bar.stop()
+    return ModelMeta.model_validate(meta.model_dump())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

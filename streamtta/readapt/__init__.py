@@ -12,7 +12,8 @@ and this package answers it.
 from streamtta.readapt.meta_init import META_INIT_SUFFIX, load_meta_init, meta_init_path, save_meta_init
 from streamtta.readapt.meta_train import meta_train, meta_train_cli, shuffled_outliers
 from streamtta.readapt.params import adaptable_parameter_names
-from streamtta.readapt.readapter import ReAdapter, Reprocessed, prediction_proxies
+from streamtta.readapt.readapter import ReAdapter, Reprocessed
+from streamtta.readapt.restart import prediction_proxies
 
 __all__ = [
     "ReAdapter", "Reprocessed", "prediction_proxies",

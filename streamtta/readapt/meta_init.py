@@ -10,9 +10,6 @@ META_INIT_SUFFIX = ".meta-init.pt"
 META_INIT_FORMAT = "streamtta.meta-init"
 
 
-# ----------------------------------------------------------------------------------------------
-# files
-# ----------------------------------------------------------------------------------------------
 def meta_init_path(checkpoint: str | Path) -> Path:
     """``<ckpt>.meta-init.pt`` next to a checkpoint file (``digits-resnet.pt`` -> ``digits-resnet.meta-init.pt``)."""
     p = Path(checkpoint)
@@ -20,6 +17,7 @@ def meta_init_path(checkpoint: str | Path) -> Path:
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
+    """The checkpoint file of a built-in model name (without training it), else ``source`` as a path."""
     text = str(source)
     try:
         from streamtta.models.registry import BUILTIN_MODELS, builtin_path
@@ -76,4 +74,3 @@ def load_meta_init(source: str | Path, map_location: str | torch.device = "cpu")
     if params is None:
         raise ValueError(f"{path} is not a streamtta meta-initialisation file")
     return params
-

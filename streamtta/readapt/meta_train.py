@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -69,15 +70,211 @@ def _default_corrupt() -> tuple[CorruptFn, tuple[str, ...]]:
     return corrupt, tuple(CORRUPTIONS)
 
 
+@dataclass
+class ShiftTask:
+    """One synthetic shift task: a corruption family and severity applied to source batches."""
+
+    family: str
+    severity: int
+    support: torch.Tensor  # unlabelled corrupted images the inner loop adapts on
+    query: torch.Tensor  # labelled corrupted images of the outer loss
+    labels: torch.Tensor  # labels of ``query``
+    outliers: torch.Tensor  # OOD images of the energy loss, one per query image
+
+
+class TaskSampler:
+    """Draws :class:`ShiftTask` s from clean source data (seeded: the same seed gives the same tasks).
+
+    The support and query batches are disjoint random parts of the source data; the outliers are
+    corrupted ``outlier_x`` images when given, else :func:`shuffled_outliers` of the query images.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, corrupt_fn: CorruptFn, families: Sequence[str],
+                 severities: Sequence[int], support_size: int, query_size: int, outlier_x: torch.Tensor | None,
+                 seed: int) -> None:
+        self.x, self.y, self.outlier_x = x, y, outlier_x
+        self.corrupt_fn = corrupt_fn
+        self.families, self.severities = tuple(families), tuple(severities)
+        self.support_size, self.query_size = support_size, query_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> ShiftTask:
+        fam = self.families[int(self.rng.integers(len(self.families)))]
+        sev = int(self.severities[int(self.rng.integers(len(self.severities)))])
+        n = len(self.x)
+        idx = torch.randperm(n, generator=self.gen)
+        n_support = min(self.support_size, n // 2)
+        s_idx, q_idx = idx[:n_support], idx[n_support:][:self.query_size]
+        task_seed = int(self.rng.integers(2**31 - 1))
+        xs = torch.from_numpy(self.corrupt_fn(self.x[s_idx].numpy(), fam, sev, task_seed))
+        xq = torch.from_numpy(self.corrupt_fn(self.x[q_idx].numpy(), fam, sev, task_seed + 1))
+        if self.outlier_x is not None:
+            o_idx = torch.randint(len(self.outlier_x), (len(q_idx),), generator=self.gen)
+            xo = torch.from_numpy(self.corrupt_fn(self.outlier_x[o_idx].numpy(), fam, sev, task_seed + 2))
+        else:
+            xo = shuffled_outliers(xq, self.gen)
+        return ShiftTask(fam, sev, xs, xq, self.y[q_idx], xo)
+
 
 # meta-training
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetaSettings:
+    """The meta-training hyperparameters one outer step needs (see :func:`meta_train`)."""
+
+    algorithm: str
+    inner_steps: int
+    inner_lr: float
+    outer_lr: float
+    tasks_per_step: int
+    energy_weight: float
+    m_in: float
+    m_out: float
+
+
 def _meta_get(meta_info: Any, key: str, default: Any = None) -> Any:
     if meta_info is None:
         return default
     if isinstance(meta_info, Mapping):
         return meta_info.get(key, default)
     return getattr(meta_info, key, default)
+
+
+def _source_tensors(source_x: Any, source_y: Any, meta_info: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source images as float and labels as long tensors, checked against ``meta_info.num_classes``."""
+    x = torch.as_tensor(np.asarray(source_x) if not isinstance(source_x, torch.Tensor) else source_x).float()
+    y = torch.as_tensor(np.asarray(source_y) if not isinstance(source_y, torch.Tensor) else source_y).long()
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"need at least 2 source samples with one label each, got {len(x)} and {len(y)}")
+    n_cls = _meta_get(meta_info, "num_classes")
+    if n_cls is not None and (int(y.min()) < 0 or int(y.max()) >= int(n_cls)):
+        raise ValueError(f"source_y must be output indices in [0, {n_cls}), got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    return x, y
+
+
+def _corruptions(corrupt_fn: CorruptFn | None, families: Sequence[str] | None) -> tuple[CorruptFn, tuple[str, ...]]:
+    """The corruption function and families, streamtta's corruption library filling what is not given."""
+    if corrupt_fn is None or families is None:
+        default_fn, default_fams = _default_corrupt()
+        corrupt_fn = corrupt_fn or default_fn
+        families = tuple(families or default_fams)
+    families = tuple(families)
+    if not families:
+        raise ValueError("families must name at least one corruption")
+    return corrupt_fn, families
+
+
+def _trainable_copy(model: nn.Module) -> tuple[nn.Module, list[str], list[nn.Parameter]]:
+    """A deep copy of ``model`` in eval mode whose adaptable parameters alone require gradients."""
+    net = copy.deepcopy(model)
+    net.eval()
+    names = adaptable_parameter_names(net)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no norm affine parameters to meta-learn")
+    params = dict(net.named_parameters())
+    for p in net.parameters():
+        p.requires_grad_(False)
+    theta = [params[n] for n in names]
+    for p in theta:
+        p.requires_grad_(True)
+    return net, names, theta
+
+
+def energy_margins(net: nn.Module, x: torch.Tensor, m_in: float | None = None,
+                   m_out: float | None = None) -> tuple[float, float]:
+    """``(m_in, m_out)`` of the energy loss: by default the median energy of (up to 1024) clean source
+    images and that plus ``max(2, 2 * std)``."""
+    with torch.no_grad(), batch_stat_norms(net):
+        e_src = torch.cat([energy(_logits(net(x[i:i + 256]))) for i in range(0, min(len(x), 1024), 256)])
+    m_in = float(e_src.median()) if m_in is None else float(m_in)
+    m_out = float(m_in + max(2.0, 2.0 * float(e_src.std()))) if m_out is None else float(m_out)
+    return m_in, m_out
+
+
+def inner_adapt(net: nn.Module, theta: Sequence[torch.Tensor], support: torch.Tensor, steps: int,
+                lr: float) -> list[float]:
+    """The inner loop: ``steps`` SGD steps on the mean prediction entropy of the unlabelled support
+    batch (what is available online); returns the entropy before each step."""
+    losses = []
+    for _ in range(steps):
+        loss = entropy(_logits(net(support))).mean()
+        g = torch.autograd.grad(loss, theta)
+        with torch.no_grad():
+            for p, gi in zip(theta, g):
+                p.sub_(lr * gi)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def query_loss(net: nn.Module, task: ShiftTask, m_in: float, m_out: float,
+               energy_weight: float) -> tuple[torch.Tensor, float, float]:
+    """The outer loss at the adapted parameters: cross-entropy on the labelled query batch plus
+    ``energy_weight`` times the energy-margin loss ``relu(E(x_in) - m_in)^2 + relu(m_out - E(x_out))^2``;
+    returns ``(loss, cross-entropy, energy loss)``."""
+    logits = _logits(net(torch.cat([task.query, task.outliers])))
+    lq, lo = logits[: len(task.query)], logits[len(task.query):]
+    ce = F.cross_entropy(lq, task.labels)
+    e_loss = (F.relu(energy(lq) - m_in) ** 2).mean() + (F.relu(m_out - energy(lo)) ** 2).mean()
+    return ce + energy_weight * e_loss, float(ce.detach()), float(e_loss.detach())
+
+
+def _set_params(theta: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(theta, values):
+            p.copy_(v)
+
+
+def accumulate_task(loss: torch.Tensor, theta: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
+                    acc: Sequence[torch.Tensor], cfg: MetaSettings) -> None:
+    """Add one task's share of the outer update to ``acc``: its query gradient (first-order MAML),
+    or (Reptile) the move from ``start`` to the task solution after one more step on the query loss."""
+    g = torch.autograd.grad(loss, theta)
+    with torch.no_grad():
+        if cfg.algorithm == "fomaml":
+            for a, gi in zip(acc, g):
+                a.add_(gi / cfg.tasks_per_step)
+        else:
+            for p, gi, a, s in zip(theta, g, acc, start):
+                a.add_((p - cfg.inner_lr * gi - s) / cfg.tasks_per_step)
+
+
+def apply_update(theta: Sequence[torch.Tensor], acc: Sequence[torch.Tensor], cfg: MetaSettings,
+                 opt: torch.optim.Optimizer | None) -> None:
+    """The outer update from the accumulated task shares: an Adam step on the averaged query
+    gradient (first-order MAML) or an interpolation step of rate ``outer_lr`` (Reptile)."""
+    if cfg.algorithm == "fomaml":
+        opt.zero_grad(set_to_none=False)
+        for p, a in zip(theta, acc):
+            p.grad = a
+        opt.step()
+    else:
+        with torch.no_grad():
+            for p, a in zip(theta, acc):
+                p.add_(cfg.outer_lr * a)
+
+
+def outer_step(net: nn.Module, theta: Sequence[torch.Tensor], tasks: TaskSampler, cfg: MetaSettings,
+               opt: torch.optim.Optimizer | None) -> dict[str, float]:
+    """One outer step over ``cfg.tasks_per_step`` tasks, each adapted from the same starting point;
+    returns the mean inner entropy, query cross-entropy and energy loss."""
+    start = [p.detach().clone() for p in theta]
+    acc = [torch.zeros_like(p) for p in theta]
+    stats = {"inner": 0.0, "ce": 0.0, "energy": 0.0}
+    for _ in range(cfg.tasks_per_step):
+        task = tasks.sample()
+        _set_params(theta, start)
+        with batch_stat_norms(net):
+            for loss_in in inner_adapt(net, theta, task.support, cfg.inner_steps, cfg.inner_lr):
+                stats["inner"] += loss_in / (cfg.inner_steps * cfg.tasks_per_step)
+            loss_q, ce, e_loss = query_loss(net, task, cfg.m_in, cfg.m_out, cfg.energy_weight)
+        stats["ce"] += ce / cfg.tasks_per_step
+        stats["energy"] += e_loss / cfg.tasks_per_step
+        accumulate_task(loss_q, theta, start, acc, cfg)
+    _set_params(theta, start)
+    apply_update(theta, acc, cfg, opt)
+    return stats
 
 
 def meta_train(
@@ -140,119 +337,32 @@ def meta_train(
     if steps < 0 or inner_steps < 1 or tasks_per_step < 1:
         raise ValueError(f"need steps >= 0, inner_steps >= 1, tasks_per_step >= 1; got {steps}, {inner_steps}, "
                          f"{tasks_per_step}")
-    x_all = torch.as_tensor(np.asarray(source_x) if not isinstance(source_x, torch.Tensor) else source_x).float()
-    y_all = torch.as_tensor(np.asarray(source_y) if not isinstance(source_y, torch.Tensor) else source_y).long()
-    if len(x_all) != len(y_all) or len(x_all) < 2:
-        raise ValueError(f"need at least 2 source samples with one label each, got {len(x_all)} and {len(y_all)}")
-    n_cls = _meta_get(meta_info, "num_classes")
-    if n_cls is not None and (int(y_all.min()) < 0 or int(y_all.max()) >= int(n_cls)):
-        raise ValueError(f"source_y must be output indices in [0, {n_cls}), got range "
-                         f"[{int(y_all.min())}, {int(y_all.max())}]")
-    if corrupt_fn is None or families is None:
-        default_fn, default_fams = _default_corrupt()
-        corrupt_fn = corrupt_fn or default_fn
-        families = tuple(families or default_fams)
-    families = tuple(families)
-    if not families:
-        raise ValueError("families must name at least one corruption")
+    x_all, y_all = _source_tensors(source_x, source_y, meta_info)
+    corrupt_fn, families = _corruptions(corrupt_fn, families)
     x_out_all = None if outlier_x is None else torch.as_tensor(np.asarray(outlier_x)).float()
-
-    net = copy.deepcopy(model)
-    net.eval()
-    names = adaptable_parameter_names(net)
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no norm affine parameters to meta-learn")
-    params = dict(net.named_parameters())
-    for p in net.parameters():
-        p.requires_grad_(False)
-    theta = [params[n] for n in names]
-    for p in theta:
-        p.requires_grad_(True)
-
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-
-    with torch.no_grad(), batch_stat_norms(net):
-        e_src = torch.cat([energy(_logits(net(x_all[i:i + 256]))) for i in range(0, min(len(x_all), 1024), 256)])
-    m_in = float(e_src.median()) if m_in is None else float(m_in)
-    m_out = float(m_in + max(2.0, 2.0 * float(e_src.std()))) if m_out is None else float(m_out)
-
+    net, names, theta = _trainable_copy(model)
+    tasks = TaskSampler(x_all, y_all, corrupt_fn, families, severities, support_size, query_size, x_out_all, seed)
+    m_in, m_out = energy_margins(net, x_all, m_in, m_out)
+    cfg = MetaSettings(algorithm=algorithm, inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr,
+                       tasks_per_step=tasks_per_step, energy_weight=energy_weight, m_in=m_in, m_out=m_out)
     opt = torch.optim.Adam(theta, lr=outer_lr) if algorithm == "fomaml" else None
-    history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    n = len(x_all)
     for step in range(steps):
-        start = [p.detach().clone() for p in theta]
-        grads = [torch.zeros_like(p) for p in theta]
-        deltas = [torch.zeros_like(p) for p in theta]
-        stats = {"inner": 0.0, "ce": 0.0, "energy": 0.0}
-        for _ in range(tasks_per_step):
-            fam = families[int(rng.integers(len(families)))]
-            sev = int(severities[int(rng.integers(len(severities)))])
-            idx = torch.randperm(n, generator=gen)
-            s_idx, q_idx = idx[:min(support_size, n // 2)], idx[min(support_size, n // 2):][:query_size]
-            task_seed = int(rng.integers(2**31 - 1))
-            xs = torch.from_numpy(corrupt_fn(x_all[s_idx].numpy(), fam, sev, task_seed))
-            xq = torch.from_numpy(corrupt_fn(x_all[q_idx].numpy(), fam, sev, task_seed + 1))
-            yq = y_all[q_idx]
-            if x_out_all is not None:
-                o_idx = torch.randint(len(x_out_all), (len(q_idx),), generator=gen)
-                xo = torch.from_numpy(corrupt_fn(x_out_all[o_idx].numpy(), fam, sev, task_seed + 2))
-            else:
-                xo = shuffled_outliers(xq, gen)
-            with torch.no_grad():
-                for p, s in zip(theta, start):
-                    p.copy_(s)
-            with batch_stat_norms(net):
-                for _ in range(inner_steps):  # inner loop: unsupervised entropy on the support set
-                    loss_in = entropy(_logits(net(xs))).mean()
-                    g = torch.autograd.grad(loss_in, theta)
-                    with torch.no_grad():
-                        for p, gi in zip(theta, g):
-                            p.sub_(inner_lr * gi)
-                    stats["inner"] += float(loss_in.detach()) / (inner_steps * tasks_per_step)
-                logits_q = _logits(net(torch.cat([xq, xo])))
-            lq, lo = logits_q[: len(xq)], logits_q[len(xq):]
-            ce = F.cross_entropy(lq, yq)
-            e_loss = (F.relu(energy(lq) - m_in) ** 2).mean() + (F.relu(m_out - energy(lo)) ** 2).mean()
-            loss_q = ce + energy_weight * e_loss
-            stats["ce"] += float(ce.detach()) / tasks_per_step
-            stats["energy"] += float(e_loss.detach()) / tasks_per_step
-            if algorithm == "fomaml":
-                g = torch.autograd.grad(loss_q, theta)
-                for acc, gi in zip(grads, g):
-                    acc.add_(gi / tasks_per_step)
-            else:  # reptile: one supervised step on the query, then move towards the task solution
-                g = torch.autograd.grad(loss_q, theta)
-                with torch.no_grad():
-                    for p, gi, d, s in zip(theta, g, deltas, start):
-                        d.add_((p - inner_lr * gi - s) / tasks_per_step)
-        with torch.no_grad():
-            for p, s in zip(theta, start):
-                p.copy_(s)
-        if algorithm == "fomaml":
-            opt.zero_grad(set_to_none=False)
-            for p, gacc in zip(theta, grads):
-                p.grad = gacc
-            opt.step()
-        else:
-            with torch.no_grad():
-                for p, d in zip(theta, deltas):
-                    p.add_(outer_lr * d)
-        history.append(stats)
+        stats = outer_step(net, theta, tasks, cfg, opt)
         if progress and (step % max(1, steps // 10) == 0 or step == steps - 1):
-            log.info("meta-train step %d/%d: inner entropy %.3f, query CE %.3f, energy loss %.3f (%.1fs)",
-                     step + 1, steps, stats["inner"], stats["ce"], stats["energy"], time.perf_counter() - t0)
-            print(f"meta-train {step + 1}/{steps}: inner entropy {stats['inner']:.3f}  query CE {stats['ce']:.3f}  "
-                  f"energy loss {stats['energy']:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
-    meta_train.last_history = history  # type: ignore[attr-defined]
-    return {n: params[n].detach().clone() for n in names}
+            _report(step, steps, stats, time.perf_counter() - t0)
+    return {n: p.detach().clone() for n, p in zip(names, theta)}
 
 
+def _report(step: int, steps: int, stats: Mapping[str, float], seconds: float) -> None:
+    log.info("meta-train step %d/%d: inner entropy %.3f, query CE %.3f, energy loss %.3f (%.1fs)",
+             step + 1, steps, stats["inner"], stats["ce"], stats["energy"], seconds)
+    print(f"meta-train {step + 1}/{steps}: inner entropy {stats['inner']:.3f}  query CE {stats['ce']:.3f}  "
+          f"energy loss {stats['energy']:.3f}  ({seconds:.1f}s)", flush=True)
+
+
+# command line
 # ----------------------------------------------------------------------------------------------
-# files
-
-
 def meta_train_cli(model_spec: str, *, steps: int = 200, seed: int = 0, out: str | Path | None = None,
                    progress: bool = True, **kw: Any) -> int:
     """``streamtta meta-train``: meta-train on the model's clean source split and save next to it."""
@@ -271,7 +381,3 @@ def meta_train_cli(model_spec: str, *, steps: int = 200, seed: int = 0, out: str
                                      "seconds": round(time.perf_counter() - t0, 2), **{k: str(v) for k, v in kw.items()}})
     print(f"meta-initialisation of {len(init)} tensors -> {path}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# online re-adaptation

@@ -54,15 +54,14 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Prediction entropy per row of ``logits``."""
     logp = logits.log_softmax(1)
     return -(logp.exp() * logp).sum(1)
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Energy ``-T * logsumexp(logits / T)`` per row (higher = more OOD)."""
     return -temperature * torch.logsumexp(logits / temperature, dim=1)
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -80,6 +79,3 @@ def batch_stat_norms(model: nn.Module) -> Iterator[None]:
         for m, training, momentum in saved:
             m.train(training)
             m.momentum = momentum
-
-
-# ----------------------------------------------------------------------------------------------

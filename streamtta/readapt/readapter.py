@@ -2,7 +2,7 @@
 
 * **onset split** (``split_onset``, on by default): when the change point lies inside the batch that
   confirmed the shift, or inside one before it whose predictions the engine still holds
-  (``monitor.hold_batches``; :class:`~streamtta.detectors.shift.onset.OnsetLocator` on the arrival order), the
+  (``hold_batches``; :class:`~streamtta.detectors.shift.onset.OnsetLocator` on the arrival order), the
   engine's adapter goes back to its state before the batch holding it and steps again in two parts,
   before and after the change point, and those outputs are reported (:meth:`ReAdapter.reprocess`).
   Statistics of a batch that straddles two domains fit neither part; it is the batch a shift costs
@@ -14,18 +14,16 @@
   snapshot when the unsupervised proxies got worse (mean entropy up, or prediction-histogram entropy
   down = collapse).
 
-Measured on ``digits-c-continual-openset`` with the default gradient-free adapter (README, "Open set"):
-the onset split raises accuracy, AUROC and the speed of recovery; the meta restart costs accuracy
-and AUROC there (the statistics adapter has re-estimated its statistics before the restart acts), so
-it is off by default. It targets gradient adapters (``tent``, ``eata``), whose parameters carry the
-previous domain; check it on a replay of your stream first (``streamtta bench --variant
-'restart:monitor.readapt_options={restart=true}'``).
+The hold window lives here too: a pipeline keeps each batch's result for ``hold_batches`` more
+batches (:attr:`ReAdapter.hold`), with the adapter state from before it (:meth:`ReAdapter.pre_state`),
+and once a shift is confirmed calls :meth:`ReAdapter.reprocess_held` on the held results and the
+current one: the results of the batches stepped on again get the new outputs in place. The meta restart
+is off by default (README, "Open set": it targets gradient adapters, whose parameters carry the
+previous domain).
 """
 from __future__ import annotations
 
-import math
 from collections import deque
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,25 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamtta.readapt.params import _logits, entropy
+from streamtta.readapt.restart import entropy_steps, forward_logits, got_worse, load_init, prediction_proxies
 from streamtta.types import StepOutput
 
 
 # ----------------------------------------------------------------------------------------------
 # online re-adaptation
 # ----------------------------------------------------------------------------------------------
-def prediction_proxies(logits: torch.Tensor) -> dict[str, float]:
-    """Unsupervised accuracy proxies: mean entropy, prediction-histogram entropy (normalised to
-    [0, 1]) and mean confidence."""
-    p = logits.softmax(1)
-    c = logits.shape[1]
-    hist = torch.bincount(p.argmax(1), minlength=c).float()
-    hist = hist / hist.sum()
-    h_hist = float(-(hist[hist > 0] * hist[hist > 0].log()).sum() / math.log(c)) if c > 1 else 0.0
-    return {"mean_entropy": float(entropy(logits).mean()), "hist_entropy": h_hist,
-            "mean_confidence": float(p.max(1).values.mean())}
-
-
 @dataclass(frozen=True)
 class Reprocessed:
     """Outputs of a batch processed again in two parts: ``(StepOutput, scores, flags, keep)`` and evidence."""
@@ -103,6 +89,9 @@ class ReAdapter:
         straddles two domains fit neither; this is the batch a shift costs most on.
     min_segment, onset_alpha
         The locator's smallest part and significance level.
+    hold_batches
+        With ``split_onset``: how many batches a pipeline holds back (results not final) so that a shift
+        confirmed that many batches late can still re-process the batch it began in.
     entropy_tolerance, hist_tolerance
         Roll back when the histogram entropy fell by more than ``hist_tolerance`` (collapse), or
         when the mean entropy rose by more than ``entropy_tolerance`` (nats) without the histogram
@@ -114,7 +103,10 @@ class ReAdapter:
                  buffer_size: int = 512, batch_size: int = 64, recent_batches: int = 3, min_samples: int = 32,
                  diversity_weight: float = 1.0, entropy_tolerance: float = 0.0, hist_tolerance: float = 0.05,
                  decay_batches: int = 0, recalibrate_scorer: bool = True, restart: bool = False,
-                 split_onset: bool = True, min_segment: int = 8, onset_alpha: float = 0.01, seed: int = 0) -> None:
+                 split_onset: bool = True, min_segment: int = 8, onset_alpha: float = 0.01, seed: int = 0,
+                 hold_batches: int = 1) -> None:
+        if not 0 <= hold_batches <= 8:
+            raise ValueError(f"hold_batches must be in 0..8, got {hold_batches}")
         if decay_batches < 0:
             raise ValueError(f"decay_batches must be >= 0, got {decay_batches}")
         if steps < 0 or lr <= 0 or buffer_size < 1 or batch_size < 1:
@@ -137,6 +129,7 @@ class ReAdapter:
         self.recalibrate_scorer = bool(recalibrate_scorer)
         self.restart = bool(restart)
         self.split_onset = bool(split_onset)
+        self.hold_batches = int(hold_batches)
         from streamtta.detectors.shift.onset import OnsetLocator
 
         self.locator = OnsetLocator(min_segment=min_segment, alpha=onset_alpha, seed=seed)
@@ -190,20 +183,6 @@ class ReAdapter:
         if len(x) < self.min_samples:
             x = torch.cat([x for _, x in self.buffer])[-self.min_samples:]
         return x
-
-    @staticmethod
-    def _forward_logits(adapter: Any, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits, feats = [], []
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                try:
-                    lo, fe = adapter.features(x[i:i + batch_size])
-                except NotImplementedError:
-                    lo, fe = _logits(adapter.model(x[i:i + batch_size])), None
-                logits.append(lo)
-                feats.append(fe)
-        f = None if any(v is None for v in feats) else torch.cat(feats)
-        return torch.cat(logits), f
 
     @property
     def needs_pre_state(self) -> bool:
@@ -283,9 +262,71 @@ class ReAdapter:
         return Reprocessed((out, np.concatenate([np.asarray(s1), np.asarray(s2)]),
                             np.concatenate([np.asarray(f1), np.asarray(f2)]), keep), evidence)
 
+    @property
+    def hold(self) -> int:
+        """Batches whose results wait for the next ones (0 without the onset split)."""
+        return self.hold_batches if self.split_onset else 0
+
+    def pre_state(self, adapter: Any, batch_index: int, monitor: Any | None) -> dict[str, Any] | None:
+        """The adapter state before a batch, when a re-processing may need it: not while the monitor's
+        cooldown rules out a confirmation on this batch and on the batches that hold it."""
+        if not self.split_onset:
+            return None
+        if monitor is not None and batch_index + self.hold <= getattr(monitor, "cooldown_until", -1):
+            return None
+        return adapter.state_dict()
+
+    def reprocess_held(self, adapter: Any, window: Sequence[Any],
+                       step: Callable[[torch.Tensor], tuple[Any, ...]]) -> dict[str, Any] | None:
+        """After a confirmed shift: re-process the batch holding the change point among ``window`` (the
+        held results and the current one, oldest first; each with ``x``, ``pre_state``, ``out``,
+        ``ood_scores``, ``ood_flags``, ``keep``, ``batch_index``) via :meth:`reprocess`.
+
+        The last result (the current batch) gets new outputs, scores and flags; an earlier one, which the
+        scorer memories have already learned, gets the new outputs and keeps its first scores and flags
+        (scored again, its samples would match themselves in the memories), and is marked ``revised``.
+        The current batch's ``info`` counts cover every sample stepped on again. Returns the alert
+        evidence, or None (nothing changed). Afterwards no result keeps its ``pre_state``: states from
+        before this shift are never reused."""
+        try:
+            start = next((i for i, b in enumerate(window) if b.pre_state is not None), None)
+            if start is None:
+                return None
+            group = list(window[start:])
+            redo = self.reprocess(adapter, [b.x for b in group], [b.pre_state for b in group], step)
+            if redo is None:
+                return None
+            out, scores, flags, keep = redo.outputs
+            evidence = dict(redo.evidence)
+            first, onset_batch = evidence.pop("first_batch", 0), evidence.pop("onset_batch", 0)
+            evidence.pop("n_batches", None)
+            evidence["onset_batch"] = group[onset_batch].batch_index
+            evidence["batches"] = [b.batch_index for b in group[first:]]
+            cur, at = group[-1], 0
+            for pos, b in enumerate(group[first:], start=first):
+                sl = slice(at, at + len(b))
+                info = dict(out.info if b is cur else b.out.info)
+                info.pop("onset_index", None)
+                if pos == onset_batch:
+                    info["onset_index"] = evidence["onset_index"]
+                b.out = StepOutput(logits=out.logits[sl], features=out.features[sl],
+                                   update_mask=out.update_mask[sl], loss=out.loss,
+                                   reset=out.reset if b is cur else b.out.reset, info=info)
+                if b is cur:
+                    b.ood_scores, b.ood_flags, b.keep = scores[sl], flags[sl], keep[sl]
+                else:
+                    b.revised = True
+                at += len(b)
+            return evidence
+        finally:
+            for b in window:
+                b.pre_state = None
+
     def on_shift(self, adapter: Any, scorer: Any | None = None, monitor: Any | None = None,
                  event: Any | None = None) -> dict[str, Any]:
-        """Re-adapt after a confirmed shift; returns what was done and the proxies before/after."""
+        """With ``restart``: restart the adaptable parameters from the meta-initialisation, take ``steps``
+        entropy steps on the post-shift part of the buffer, keep the result unless the proxies got worse
+        (then roll back), re-fit the scorer and reset the monitor's references. Returns what was done."""
         if not self.restart:
             return {"action": "none", "reason": "restart disabled"}
         since = getattr(event, "onset_batch", None) if event is not None else None
@@ -301,56 +342,17 @@ class ReAdapter:
                 for p, a in zip(self._decay[0], self._decay[1]):
                     p.copy_(a)
             self._decay = None
-        names_by_id = {id(p): n for n, p in model.named_parameters()}
         snapshot = [p.detach().clone() for p in params]
-        logits_before, _ = self._forward_logits(adapter, x, self.batch_size)
-        before = prediction_proxies(logits_before)
-        n_loaded = 0
-        with torch.no_grad():
-            for p in params:
-                init = self.meta_init.get(names_by_id.get(id(p), ""))
-                if init is not None and init.shape == p.shape:
-                    p.copy_(init.to(p.device, p.dtype))
-                    n_loaded += 1
+        before = prediction_proxies(forward_logits(adapter, x, self.batch_size)[0])
+        n_loaded = load_init(model, params, self.meta_init)
         gen = torch.Generator().manual_seed(self.seed + len(self.history))
-        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-        requires = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=self.lr)
-        with ExitStack() as stack:
-            try:
-                from streamtta.adapters.norms.base import frozen_stats
-
-                stack.enter_context(frozen_stats(model))
-            except ImportError:  # pragma: no cover
-                pass
-            for _ in range(self.steps):
-                idx = torch.randperm(len(x), generator=gen)[: self.batch_size]
-                logits = _logits(model(x[idx]))
-                p_mean = logits.softmax(1).mean(0)
-                loss = entropy(logits).mean() + self.diversity_weight * (p_mean * p_mean.clamp_min(1e-12).log()).sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        for p, r in zip(params, requires):
-            p.grad = None
-            p.requires_grad_(r)
-        with torch.no_grad():  # undo any statistics side effect of the extra forwards
-            for k, v in model.named_buffers():
-                if k in buffers and v.shape == buffers[k].shape:
-                    v.copy_(buffers[k])
-        logits_after, feats_after = self._forward_logits(adapter, x, self.batch_size)
+        entropy_steps(model, params, x, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                      diversity_weight=self.diversity_weight, generator=gen)
+        logits_after, feats_after = forward_logits(adapter, x, self.batch_size)
         after = prediction_proxies(logits_after)
-        collapsed = after["hist_entropy"] < before["hist_entropy"] - self.hist_tolerance
-        un_collapsed = after["hist_entropy"] > before["hist_entropy"] + self.hist_tolerance
-        less_sure = after["mean_entropy"] > before["mean_entropy"] + self.entropy_tolerance
-        # a collapsed model is confident (low entropy) on a few classes: a restart that spreads the
-        # predictions again is kept even though its entropy is higher
-        worse = collapsed or (less_sure and not un_collapsed)
         result: dict[str, Any] = {"n_samples": int(len(x)), "steps": self.steps, "n_params_from_meta_init": n_loaded,
                                   "proxies_before": before, "proxies_after": after}
-        if worse:
+        if got_worse(before, after, entropy_tolerance=self.entropy_tolerance, hist_tolerance=self.hist_tolerance):
             with torch.no_grad():
                 for p, s in zip(params, snapshot):
                     p.copy_(s)
@@ -371,9 +373,6 @@ class ReAdapter:
                 (getattr(monitor, "reset_reference", None) or monitor.reset)()
         self.history.append(result)
         return result
-
-    #: alias
-    readapt = on_shift
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": [(b, x.clone()) for b, x in self.buffer], "n_observed_batches": self.n_observed_batches,

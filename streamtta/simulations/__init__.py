@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .cifar_c import CIFAR_C_CORRUPTIONS, load_cifar_c
 from .corruptions import CORRUPTIONS, corrupt
-from .orderings import dirichlet_order, iid_order, make_order, sorted_order
+from .orderings import dirichlet_chunks, dirichlet_order, iid_order, make_order, sorted_order
 from .scenario import (
     Scenario,
     ScenarioError,
@@ -33,8 +33,8 @@ from .sensors import SENSOR_SHIFTS, load_river_dataset, load_river_split, river_
 
 __all__ = [
     "CIFAR_C_CORRUPTIONS", "CORRUPTIONS", "GRADUAL_SEVERITIES", "SENSOR_SHIFTS", "Scenario", "ScenarioError",
-    "Schedule", "Segment", "SimStream", "abrupt", "build_stream", "continual", "corrupt", "dirichlet_order",
-    "find_scenario", "iid_order", "list_scenarios", "load_cifar_c", "load_river_dataset", "load_river_split",
-    "load_scenario", "make_order", "mixed", "ood_mask", "parse_scenario", "river_concept_stream",
-    "shift_features", "sorted_order",
+    "Schedule", "Segment", "SimStream", "abrupt", "build_stream", "continual", "corrupt", "dirichlet_chunks",
+    "dirichlet_order", "find_scenario", "iid_order", "list_scenarios", "load_cifar_c", "load_river_dataset",
+    "load_river_split", "load_scenario", "make_order", "mixed", "ood_mask", "parse_scenario",
+    "river_concept_stream", "shift_features", "sorted_order",
 ]

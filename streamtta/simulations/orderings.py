@@ -11,6 +11,7 @@ are split over the chunks by proportions drawn from ``Dirichlet(delta * 1)``, ch
 samples; then chunk by chunk, the class pieces are emitted in a random class order. Small ``delta``
 gives long single-class runs; large ``delta`` gives chunks holding a contiguous piece of every class
 (runs of about ``N / (num_chunks * C)``), never i.i.d.; ``delta = 0`` means fully sorted.
+:func:`dirichlet_chunks` returns the chunks themselves.
 
 >>> import numpy as np
 >>> from streamtta.simulations.orderings import dirichlet_order, iid_order, sorted_order
@@ -46,35 +47,15 @@ def sorted_order(labels: np.ndarray, seed: int | None = 0) -> np.ndarray:
     return perm[np.argsort(y[perm], kind="stable")].astype(np.int64)
 
 
-def dirichlet_order(
-    labels: np.ndarray,
-    delta: float,
-    seed: int | None = 0,
-    num_chunks: int | None = None,
-    min_chunk_size: int = 10,
-    max_tries: int = 1000,
-) -> np.ndarray:
-    """Label-correlated order from the NOTE Dirichlet sorter (see module docstring).
+def _draw_chunks(y: np.ndarray, delta: float, k: int, need: int, rng: np.random.Generator,
+                 max_tries: int) -> list[list[np.ndarray]]:
+    """Class pieces (index arrays) of each of ``k`` chunks, in the order the classes were dealt.
 
-    ``delta = 0`` returns :func:`sorted_order`. ``min_chunk_size`` is lowered to ``N // num_chunks``
-    when the stream is too short to satisfy it; after ``max_tries`` draws the draw with the largest
-    smallest chunk is used (the reference gives up after 120 s instead; a count keeps it deterministic).
+    Redraws until every chunk holds at least ``need`` samples; after ``max_tries`` draws the draw with
+    the largest smallest chunk is kept.
     """
-    y = _labels(labels)
-    delta = float(delta)
-    if not np.isfinite(delta) or delta < 0:
-        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
-    if delta == 0.0:
-        return sorted_order(y, seed)
     n = len(y)
     classes = np.unique(y)
-    k = len(classes) if num_chunks is None else int(num_chunks)
-    if k < 1:
-        raise ValueError(f"num_chunks must be >= 1, got {num_chunks!r}")
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    need = min(int(min_chunk_size), n // k)
     cap = n / k
     best: list[list[np.ndarray]] | None = None
     best_min = -1
@@ -103,11 +84,70 @@ def dirichlet_order(
         if smallest >= need:
             break
     assert best is not None
+    return best
+
+
+def dirichlet_chunks(
+    labels: np.ndarray,
+    delta: float,
+    seed: int | None = 0,
+    num_chunks: int | None = None,
+    min_chunk_size: int = 10,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """The chunks of :func:`dirichlet_order` (``delta > 0``): one index array per chunk, in stream order.
+
+    Inside a chunk each class present is one contiguous piece; the class pieces come in a random order.
+    ``np.concatenate`` of the result is :func:`dirichlet_order` with the same arguments.
+
+    >>> import numpy as np
+    >>> y = np.repeat(np.arange(4), 25)
+    >>> [len(c) >= 10 for c in dirichlet_chunks(y, delta=0.1, seed=0)]
+    [True, True, True, True]
+    """
+    y = _labels(labels)
+    delta = float(delta)
+    if not np.isfinite(delta) or delta <= 0:
+        raise ValueError(f"delta must be a finite number > 0 for chunks, got {delta!r}")
+    n = len(y)
+    k = len(np.unique(y)) if num_chunks is None else int(num_chunks)
+    if k < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks!r}")
+    if n == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    best = _draw_chunks(y, delta, k, min(int(min_chunk_size), n // k), rng, max_tries)
     out: list[np.ndarray] = []
     for pieces in best:
-        for i in rng.permutation(len(pieces)):
-            out.append(pieces[i])
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+        order = rng.permutation(len(pieces))
+        out.append(np.concatenate([pieces[i] for i in order]).astype(np.int64) if len(pieces)
+                   else np.zeros(0, dtype=np.int64))
+    return out
+
+
+def dirichlet_order(
+    labels: np.ndarray,
+    delta: float,
+    seed: int | None = 0,
+    num_chunks: int | None = None,
+    min_chunk_size: int = 10,
+    max_tries: int = 1000,
+) -> np.ndarray:
+    """Label-correlated order from the NOTE Dirichlet sorter (see module docstring).
+
+    ``delta = 0`` returns :func:`sorted_order`. ``min_chunk_size`` is lowered to ``N // num_chunks``
+    when the stream is too short to satisfy it; after ``max_tries`` draws the draw with the largest
+    smallest chunk is used (a fixed count keeps it deterministic). :func:`dirichlet_chunks` gives the
+    chunks themselves.
+    """
+    y = _labels(labels)
+    delta = float(delta)
+    if not np.isfinite(delta) or delta < 0:
+        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+    if delta == 0.0:
+        return sorted_order(y, seed)
+    chunks = dirichlet_chunks(y, delta, seed, num_chunks, min_chunk_size, max_tries)
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, dtype=np.int64)
 
 
 def make_order(labels: np.ndarray, kind: str, seed: int | None = 0, delta: float = 0.1, num_chunks: int | None = None) -> np.ndarray:

@@ -235,7 +235,6 @@ def river_concept_stream(
             raise ValueError(f"{kind} concept must be in 0..{n_variants - 1}, got {c!r}")
     if samples_per_concept <= 0 or not 0 <= width <= samples_per_concept:
         raise ValueError(f"need samples_per_concept > 0 and 0 <= width <= samples_per_concept, got {samples_per_concept}, {width}")
-    n = samples_per_concept * len(concepts)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EA]))
     concept = np.repeat(np.asarray(concepts, dtype=np.int64), samples_per_concept)
     cps = []

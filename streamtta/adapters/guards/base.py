@@ -8,14 +8,12 @@ Guards that act continuously (EMA-to-source) return False.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from streamtta.adapters.base import Adapter
 from streamtta.adapters.context import StepContext
-
-if TYPE_CHECKING:  # pragma: no cover
-    from streamtta.adapters.composite import CompositeAdapter
 
 
 class Guard(ABC):
@@ -23,12 +21,12 @@ class Guard(ABC):
 
     name: str = "guard"
 
-    def bind(self, adapter: "CompositeAdapter") -> None:
+    def bind(self, adapter: Adapter) -> None:
         """Called once when the adapter is built (e.g. to capture the source parameters)."""
 
     @abstractmethod
     def after_step(
-        self, adapter: "CompositeAdapter", ctx: StepContext, mask: torch.Tensor, updated: bool
+        self, adapter: Adapter, ctx: StepContext, mask: torch.Tensor, updated: bool
     ) -> bool:
         """``mask``: samples that fed the update; ``updated``: an optimizer step happened."""
 

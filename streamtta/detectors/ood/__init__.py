@@ -20,12 +20,12 @@ from streamtta.detectors.ood.novelty import NovelClassDetector
 from streamtta.detectors.ood.prototype_scorer import PrototypeScorer
 from streamtta.detectors.ood.prototypes import PrototypeMemory
 from streamtta.detectors.ood.registry import DEFAULT_SCORER, SCORERS, build_scorer
-from streamtta.detectors.ood.scorer import ScoringGate, ThresholdedScorer, score_and_flag
+from streamtta.detectors.ood.scorer import ThresholdedScorer, score_and_flag
 from streamtta.detectors.ood.strong_ood import StrongOODPool
 from streamtta.detectors.ood.thresholds import OtsuThreshold, otsu_threshold, tpr_threshold
 
 __all__ = [
-    "OODScorer", "ThresholdedScorer", "ScoringGate", "score_and_flag",
+    "OODScorer", "ThresholdedScorer", "score_and_flag",
     "ContrastScorer", "EnergyScorer", "FusionScorer", "KNNScorer", "MahalanobisScorer", "MSPScorer",
     "PrototypeScorer", "SCORERS", "DEFAULT_SCORER", "build_scorer",
     "FlatIPIndex", "PrototypeMemory", "StrongOODPool", "NovelClassDetector",

@@ -1,4 +1,4 @@
-"""Small protocols for OOD scorers and shift detectors (river / scikit-learn spirit).
+"""The OOD scorer protocol (scikit-learn spirit): ``fit`` / ``score`` / ``partial_fit`` / ``recalibrate``.
 
 Polarity: every scorer returns **higher = more OOD** (see :data:`streamtta.types.OOD_HIGHER_IS_MORE_OOD`).
 

@@ -4,8 +4,8 @@ Each component score is standardised with the mean and standard deviation of its
 calibration (ID) data, and the fused score is the weighted sum of the standardised scores (higher
 = more OOD). Feature-space distances (Mahalanobis, prototypes) and logit-space confidence (energy)
 fail on different samples: a sample the classifier is confident about can still lie far from
-every class in feature space, and the converse; the sum is at least as good as the better one in
-our measurements on corrupted digits (see the project docs).
+every class in feature space, and the converse. Components are built from the single scorers of
+:mod:`~streamtta.detectors.ood.members` (a fusion scorer cannot contain another one).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -21,15 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from streamtta.detectors.ood.members import build_member
 from streamtta.detectors.ood.scorer import ThresholdedScorer
+from streamtta.detectors.ood.state import array_state, tensor_state
 
 
 def _build(name: str, kw: dict[str, Any]) -> ThresholdedScorer:
-    from streamtta.detectors.ood.registry import build_scorer
-
+    """One component: a single scorer that uses all the data it is given (the fused score holds out)."""
     if name == "fusion":
         raise ValueError("a fusion scorer cannot contain another fusion scorer")
-    return build_scorer(name, calib_fraction=0.0, **kw)
+    return build_member(name, calib_fraction=0.0, **kw)
 
 
 class FusionScorer(ThresholdedScorer):
@@ -38,7 +39,8 @@ class FusionScorer(ThresholdedScorer):
     Parameters
     ----------
     components
-        Scorer names (or ``(name, kwargs)`` pairs) from the registry.
+        Single-scorer names (or ``(name, kwargs)`` pairs) from
+        :data:`~streamtta.detectors.ood.members.MEMBER_SCORERS`.
     weights
         One weight per component (default: all 1).
     online
@@ -78,6 +80,7 @@ class FusionScorer(ThresholdedScorer):
         self.scale = np.ones(len(specs))
         self.cal_loc = np.zeros(len(specs))
         self.cal_scale = np.ones(len(specs))
+
     def _fit(self, features: Any, logits: Any, labels: Any | None) -> None:
         for c in self.components:
             c._fit(features, logits, labels)
@@ -118,17 +121,17 @@ class FusionScorer(ThresholdedScorer):
                 self.scale[j] = m * self.scale[j] + (1 - m) * float(max(np.std(s), 1e-12))
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"components": [c.state_dict() for c in self.components], "loc": self.loc.copy(),
-                "scale": self.scale.copy(), "weights": self.weights.copy(), "cal_loc": self.cal_loc.copy(),
-                "cal_scale": self.cal_scale.copy()}
+        return {"components": [c.state_dict() for c in self.components], "loc": tensor_state(self.loc),
+                "scale": tensor_state(self.scale), "weights": tensor_state(self.weights),
+                "cal_loc": tensor_state(self.cal_loc), "cal_scale": tensor_state(self.cal_scale)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if len(state["components"]) != len(self.components):
             raise ValueError(f"state has {len(state['components'])} components, scorer has {len(self.components)}")
         for c, st in zip(self.components, state["components"]):
             c.load_state_dict(st)
-        self.loc = np.asarray(state["loc"], np.float64).copy()
-        self.scale = np.asarray(state["scale"], np.float64).copy()
-        self.weights = np.asarray(state["weights"], np.float64).copy()
-        self.cal_loc = np.asarray(state.get("cal_loc", self.loc), np.float64).copy()
-        self.cal_scale = np.asarray(state.get("cal_scale", self.scale), np.float64).copy()
+        self.loc = array_state(state["loc"], np.float64)
+        self.scale = array_state(state["scale"], np.float64)
+        self.weights = array_state(state["weights"], np.float64)
+        self.cal_loc = array_state(state.get("cal_loc", self.loc), np.float64)
+        self.cal_scale = array_state(state.get("cal_scale", self.scale), np.float64)

@@ -20,6 +20,7 @@ import numpy as np
 
 from streamtta.detectors.ood.index import FlatIPIndex
 from streamtta.detectors.ood.scorer import FeatureCentering, ThresholdedScorer, confident_mask
+from streamtta.detectors.ood.state import array_state, tensor_state
 
 
 class KNNScorer(ThresholdedScorer):
@@ -112,13 +113,13 @@ class KNNScorer(ThresholdedScorer):
             self._insert(self.centering(features)[mask])
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"bank": None if self.bank is None else self.bank.copy(), "n_seen": self.n_seen,
+        return {"bank": tensor_state(self.bank), "n_seen": self.n_seen,
                 "centering": self.centering.state_dict(), "rng": self._rng.bit_generator.state}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.centering.load_state_dict(state["centering"])
         self.n_seen = int(state["n_seen"])
         self._rng.bit_generator.state = state["rng"]
-        self.bank = None if state["bank"] is None else np.asarray(state["bank"], np.float32).copy()
+        self.bank = array_state(state["bank"], np.float32)
         if self.bank is not None:
             self._rebuild()

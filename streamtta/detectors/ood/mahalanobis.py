@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from streamtta.detectors.ood.scorer import ThresholdedScorer, confident_mask, softmax_np, to_numpy
+from streamtta.detectors.ood.state import array_state, tensor_state
 
 
 class MahalanobisScorer(ThresholdedScorer):
@@ -107,12 +108,10 @@ class MahalanobisScorer(ThresholdedScorer):
                 self.means[j] = w * self.means[j] + (1 - w) * f[sel].mean(0)
 
     def _extra_state(self) -> dict[str, Any]:
-        def cp(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a.copy()
-
-        return {"classes": cp(self.classes), "means": cp(self.means), "precision": cp(self.precision)}
+        return {"classes": tensor_state(self.classes), "means": tensor_state(self.means),
+                "precision": tensor_state(self.precision)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.classes = None if state["classes"] is None else np.asarray(state["classes"]).copy()
-        self.means = None if state["means"] is None else np.asarray(state["means"], np.float64).copy()
-        self.precision = None if state["precision"] is None else np.asarray(state["precision"], np.float64).copy()
+        self.classes = array_state(state["classes"], np.int64)
+        self.means = array_state(state["means"], np.float64)
+        self.precision = array_state(state["precision"], np.float64)

@@ -90,24 +90,21 @@ class PrototypeScorer(ThresholdedScorer):
         self._check_fitted()
         y = self._labels(labels, logits)
         z = self.centering(features)
-        keep_state = self.memory.state_dict()
-        old = {c: (keep_state["vectors"][keep_state["classes"] == c]) for c in self.memory.known_classes}
+        mem = self.memory
         vecs, cls = [], []
-        for c, v_old in old.items():
+        for c in mem.known_classes:
             zc = z[y == c]
-            if len(zc) >= self.memory.min_per_prototype:
-                tmp = PrototypeMemory(n_per_class=self.memory.n_per_class,
-                                      min_per_prototype=self.memory.min_per_prototype, seed=self.seed,
-                                      backend="torch").fit(zc, np.full(len(zc), c))
-                vecs.append(tmp.vectors_)
+            if len(zc) >= mem.min_per_prototype:
+                rebuilt = PrototypeMemory(n_per_class=mem.n_per_class, min_per_prototype=mem.min_per_prototype,
+                                          seed=self.seed, backend="torch").fit(zc, np.full(len(zc), c))
+                vecs.append(rebuilt.vectors_)
             else:
-                vecs.append(v_old)
+                vecs.append(mem.vectors_[mem.classes_ == c])
             cls.append(np.full(len(vecs[-1]), c, np.int64))
         vecs_a, cls_a = np.concatenate(vecs), np.concatenate(cls)
         n = len(vecs_a)
-        self.memory.load_state_dict({"dim": keep_state["dim"], "ids": np.arange(n, dtype=np.int64),
-                                     "classes": cls_a, "vectors": vecs_a, "counts": np.zeros(n),
-                                     "next_id": n, "n_updates": keep_state["n_updates"]})
+        mem.load_state_dict({"dim": mem.dim, "ids": np.arange(n, dtype=np.int64), "classes": cls_a,
+                             "vectors": vecs_a, "counts": np.zeros(n), "next_id": n, "n_updates": mem.n_updates_})
 
     def score(self, features: Any, logits: Any) -> np.ndarray:
         self._check_fitted()

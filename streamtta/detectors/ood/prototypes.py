@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from streamtta.detectors.ood.index import HAVE_FAISS, FlatIPIndex, as_float32, l2_normalize
+from streamtta.detectors.ood.state import array_state, tensor_state
 
 if HAVE_FAISS:
     import faiss  # type: ignore
@@ -249,10 +250,10 @@ class PrototypeMemory:
     def state_dict(self) -> dict[str, Any]:
         return {
             "dim": self.dim,
-            "ids": self.ids_.copy(),
-            "classes": self.classes_.copy(),
-            "vectors": self.vectors_.copy(),
-            "counts": self.counts_.copy(),
+            "ids": tensor_state(self.ids_),
+            "classes": tensor_state(self.classes_),
+            "vectors": tensor_state(self.vectors_),
+            "counts": tensor_state(self.counts_),
             "next_id": int(self.next_id_),
             "n_updates": int(self.n_updates_),
         }
@@ -262,10 +263,10 @@ class PrototypeMemory:
         self._clear(dim=int(dim) if dim else None)
         if not dim:
             return
-        self.ids_ = np.asarray(state["ids"], np.int64).copy()
-        self.classes_ = np.asarray(state["classes"], np.int64).copy()
-        self.vectors_ = np.asarray(state["vectors"], np.float32).reshape(-1, int(dim)).copy()
-        self.counts_ = np.asarray(state["counts"], np.float64).copy()
+        self.ids_ = array_state(state["ids"], np.int64)
+        self.classes_ = array_state(state["classes"], np.int64)
+        self.vectors_ = array_state(state["vectors"], np.float32).reshape(-1, int(dim))
+        self.counts_ = array_state(state["counts"], np.float64)
         if not (len(self.ids_) == len(self.classes_) == len(self.vectors_) == len(self.counts_)):
             raise ValueError("inconsistent prototype state: ids/classes/vectors/counts lengths differ")
         self.next_id_ = int(state["next_id"])

@@ -1,4 +1,4 @@
-"""Shared machinery of the OOD scorers: hold-out calibration, adaptive threshold, gate.
+"""Shared machinery of the OOD scorers: hold-out calibration, adaptive threshold, feature centring.
 
 :class:`ThresholdedScorer.fit` splits the source data it is given: the state (prototypes, class
 means, reservoir) is built on one part and the threshold is set at ``tpr`` (95% ID-TPR) on the
@@ -8,12 +8,13 @@ scores (fed by :meth:`ThresholdedScorer.score_and_flag` / :meth:`observe`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from streamtta.detectors.ood.base import OODScorer
+from streamtta.detectors.ood.state import array_state, tensor_state
 from streamtta.detectors.ood.thresholds import OtsuThreshold, tpr_threshold
 
 THRESHOLD_MODES = ("tpr", "otsu")
@@ -196,28 +197,6 @@ def score_and_flag(scorer: OODScorer, features: Any, logits: Any, observe: bool 
     return scores, np.asarray(flags, dtype=bool)
 
 
-class ScoringGate:
-    """A :data:`streamtta.adapters.base.Gate` that scores each batch once and keeps the result.
-
-    ``gate(logits, features)`` returns True for samples accepted as ID; ``last_scores`` and
-    ``last_flags`` hold the batch's scores and OOD flags for the run log and monitors.
-    """
-
-    def __init__(self, scorer: OODScorer, extra: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
-        self.scorer = scorer
-        self.extra = extra
-        self.last_scores: np.ndarray | None = None
-        self.last_flags: np.ndarray | None = None
-
-    def __call__(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        scores, flags = score_and_flag(self.scorer, features, logits)
-        self.last_scores, self.last_flags = scores, flags
-        ok = torch.as_tensor(~flags, device=logits.device)
-        if self.extra is not None:
-            ok = ok & self.extra(logits, features).to(ok.device).bool()
-        return ok
-
-
 class FeatureCentering:
     """``normalize(f - mu)``: optional centering on the source feature mean, then L2 norm.
 
@@ -251,11 +230,11 @@ class FeatureCentering:
         return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"center": self.center, "mean": None if self.mean is None else self.mean.copy()}
+        return {"center": self.center, "mean": tensor_state(self.mean)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.center = bool(state["center"])
-        self.mean = None if state["mean"] is None else np.asarray(state["mean"], np.float32).copy()
+        self.mean = array_state(state["mean"], np.float32)
 
 
 def confident_mask(logits: Any, accepted: Any | None, min_conf: float) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ import numpy as np
 
 from streamtta.alerts.events import NovelClusterEvent
 from streamtta.detectors.ood.index import FlatIPIndex, l2_normalize
+from streamtta.detectors.ood.state import array_state, tensor_state
 from streamtta.detectors.ood.thresholds import otsu_threshold
 
 
@@ -198,22 +199,23 @@ class StrongOODPool:
 
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"dim": self.dim, "ids": self.ids.copy(), "vectors": self.vectors.copy(), "birth": self.birth.copy(),
-                "last_seen": self.last_seen.copy(), "hits": self.hits.copy(), "next_id": self.next_id,
-                "reported": self.reported.copy(), "n_events": self.n_events}
+        return {"dim": self.dim, "ids": tensor_state(self.ids), "vectors": tensor_state(self.vectors),
+                "birth": tensor_state(self.birth), "last_seen": tensor_state(self.last_seen),
+                "hits": tensor_state(self.hits), "next_id": self.next_id, "reported": tensor_state(self.reported),
+                "n_events": self.n_events}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
         if state["dim"] is None:
             return
         self._init(int(state["dim"]))
-        self.ids = np.asarray(state["ids"], np.int64).copy()
-        self.vectors = np.asarray(state["vectors"], np.float32).reshape(-1, self.dim).copy()
-        self.birth = np.asarray(state["birth"], np.int64).copy()
-        self.last_seen = np.asarray(state["last_seen"], np.int64).copy()
-        self.hits = np.asarray(state["hits"], np.int64).copy()
+        self.ids = array_state(state["ids"], np.int64)
+        self.vectors = array_state(state["vectors"], np.float32).reshape(-1, self.dim)
+        self.birth = array_state(state["birth"], np.int64)
+        self.last_seen = array_state(state["last_seen"], np.int64)
+        self.hits = array_state(state["hits"], np.int64)
         self.next_id = int(state["next_id"])
-        self.reported = np.asarray(state["reported"], np.float32).reshape(-1, self.dim).copy()
+        self.reported = array_state(state["reported"], np.float32).reshape(-1, self.dim)
         self.n_events = int(state["n_events"])
         if len(self.ids):
             self.index.upsert(self.ids, self.vectors)

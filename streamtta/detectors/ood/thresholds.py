@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from streamtta.detectors.ood.state import tensor_state
+
 
 def tpr_threshold(id_scores: Any, tpr: float = 0.95) -> float:
     """``tpr`` quantile of in-distribution scores: flag ``score > threshold``."""
@@ -108,7 +110,7 @@ class OtsuThreshold:
         self.value = self.fallback
 
     def state_dict(self) -> dict[str, Any]:
-        return {"queue": np.fromiter(self.queue, float), "value": self.value, "fallback": self.fallback,
+        return {"queue": tensor_state(np.fromiter(self.queue, float)), "value": self.value, "fallback": self.fallback,
                 "floor": self.floor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,12 +1,18 @@
 """Shift monitoring: river drift detectors on batch signals, the OOD-burst rule and the onset locator.
 
-* :class:`ShiftMonitor` (river ADWIN / PageHinkley / KSWIN on batch signals) and :func:`batch_signals`,
-  :func:`input_signals`;
-* :class:`OODBurstRule` (a sustained high OOD rate);
-* :class:`OnsetLocator` (where inside a batch the stream changed).
+* :class:`ShiftMonitor` (:mod:`~streamtta.detectors.shift.monitor`): river ADWIN / PageHinkley / KSWIN
+  on batch signals, with confirmation, typing and cooldown;
+* :func:`batch_signals`, :func:`input_signals` (:mod:`~streamtta.detectors.shift.signals`);
+* :func:`make_detector`, :class:`ReplayDetector` (:mod:`~streamtta.detectors.shift.detectors`): river
+  detectors by name, saved as plain data;
+* :class:`OODBurstRule` (:mod:`~streamtta.detectors.shift.burst`): a sustained high OOD rate;
+* :class:`OnsetLocator` (:mod:`~streamtta.detectors.shift.onset`): where inside a batch the stream changed.
 """
-from streamtta.detectors.shift.monitor import OODBurstRule, ShiftMonitor, batch_signals, input_signals, make_detector
+from streamtta.detectors.shift.burst import OODBurstRule
+from streamtta.detectors.shift.detectors import DETECTORS, ReplayDetector, make_detector
+from streamtta.detectors.shift.monitor import ShiftMonitor
 from streamtta.detectors.shift.onset import Onset, OnsetLocator
+from streamtta.detectors.shift.signals import batch_signals, input_signals
 
 __all__ = ["ShiftMonitor", "OODBurstRule", "batch_signals", "input_signals", "make_detector",
-           "Onset", "OnsetLocator"]
+           "DETECTORS", "ReplayDetector", "Onset", "OnsetLocator"]

@@ -1,36 +1,22 @@
-"""Engine configuration: pydantic models loaded from TOML, environment and CLI flags.
+"""The configuration models: one pydantic model per section, :class:`Config` for the whole.
 
-Precedence, lowest to highest: built-in defaults < TOML file (``--config``) < environment
-(``STREAMTTA_`` prefix, nested fields joined by ``__``, e.g. ``STREAMTTA_ENGINE__BATCH_SIZE=32``)
-< CLI flags (``--set engine.batch_size=32`` or the dedicated flags such as ``--batch-size``).
-
-Every model forbids unknown keys, so a typo fails fast with the field's dotted name:
-
->>> from streamtta.config import load_config
->>> load_config(overrides={"engine": {"batch_size": 16}}).engine.batch_size
-16
->>> try:
-...     load_config(overrides={"engine": {"batch_sise": 16}})
-... except ConfigError as e:
-...     print(str(e).splitlines()[1].strip())
-engine.batch_sise: Extra inputs are not permitted
+Every model forbids unknown keys and validates assignments. :func:`streamtta.config.load_config`
+resolves a :class:`Config` from defaults, a TOML file, the environment and overrides.
 """
 from __future__ import annotations
 
 import json
-import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 Scalar = str | int | float | bool
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field(s)."""
 
 
 class Section(BaseModel):
@@ -95,13 +81,16 @@ class ScorerConfig(Section):
 
 class MonitorConfig(Section):
     enabled: bool = Field(True, description="Watch batch-level signals for shifts.")
-    detector: Literal["adwin", "page-hinkley", "kswin"] = Field("page-hinkley", description="river change detector.")
+    detector: Literal["adwin", "page-hinkley", "kswin"] = Field(
+        "page-hinkley", description="river change detector (the same default as ShiftMonitor's).")
     signals: list[str] = Field(
         default_factory=lambda: ["ood_rate", "id_entropy", "mean_score", "in_mean", "in_std", "in_hf"],
         description="Batch signals to watch: model (ood_rate, id_entropy, mean_score, low_score, unknown_hits) "
                     "and input (in_mean, in_std, in_hf).")
     novelty: bool = Field(True, description="Watch OOD samples for a persistent novel cluster.")
-    cooldown_batches: int = Field(10, ge=0, description="Batches after a confirmed shift before the next one.")
+    cooldown_batches: int = Field(10, ge=0, description="Batches after a confirmed shift before the next one "
+                                  "(the engine always passes this value; ShiftMonitor's own default, 8, applies "
+                                  "only to a ShiftMonitor built directly).")
     readapt: bool = Field(True, description="Re-adapt on a confirmed shift: the batch holding the change point is "
                           "processed again in two parts; readapt_options.restart=true adds the meta-init restart.")
     readapt_options: dict[str, Any] = Field(default_factory=dict,
@@ -176,109 +165,9 @@ class Config(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init kwargs = CLI flags (highest), then environment, then the TOML file given to load_config().
-        return (init_settings, env_settings, _TomlSource(settings_cls))
+        # ``Config(**kwargs)``: keyword arguments, then the environment. A TOML file comes in through
+        # :func:`streamtta.config.load_config`, which passes its own sources for each call.
+        return (init_settings, env_settings)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
-
-
-_TOML_PATH: list[Path | None] = [None]
-
-
-class _TomlSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        path = _TOML_PATH[0]
-        return read_toml(path) if path is not None else {}
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        return tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from e
-
-
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
-                     else f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                env: bool = True) -> Config:
-    """Resolve the configuration: defaults < TOML ``path`` < environment < ``overrides``."""
-    _TOML_PATH[0] = Path(path) if path is not None else None
-    saved = None
-    if not env:
-        saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("STREAMTTA_")}
-    try:
-        return Config(**(overrides or {}))
-    except ValidationError as e:
-        origin = ", ".join(x for x in [f"file {path}" if path else "", "environment STREAMTTA_*" if env else "",
-                                       "command line" if overrides else ""] if x)
-        raise ConfigError(_format_errors(e, origin or "defaults")) from None
-    finally:
-        _TOML_PATH[0] = None
-        if saved:
-            os.environ.update(saved)
-
-
-def parse_set_option(items: list[str]) -> dict[str, Any]:
-    """Turn ``["engine.batch_size=32", "adapter.options.lr=1e-4"]`` into a nested dict.
-
-    Values are parsed as TOML scalars/arrays/inline tables when possible, else kept as strings.
-
-    >>> parse_set_option(["engine.batch_size=32", "kafka.topic=images"])
-    {'engine': {'batch_size': 32}, 'kafka': {'topic': 'images'}}
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if len(parts) < 2:
-            raise ConfigError(f"--set key must be dotted like 'engine.batch_size', got {key!r}")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        set_nested(out, parts, value)
-    return out
-
-
-def set_nested(d: dict[str, Any], parts: list[str], value: Any) -> None:
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-        if not isinstance(d, dict):
-            raise ConfigError(f"conflicting --set for {'.'.join(parts)}")
-    d[parts[-1]] = value
-
-
-def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def reference_markdown() -> str:
-    """The configuration reference table of the README, generated from the models above."""
-    lines = ["| field | default | description |", "|---|---|---|"]
-    for section, finfo in Config.model_fields.items():
-        model = finfo.annotation
-        for name, f in model.model_fields.items():  # type: ignore[union-attr]
-            default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
-            shown = "unset" if default is None else json.dumps(default, default=str)
-            lines.append(f"| `{section}.{name}` | `{shown}` | {f.description or ''} |")
-    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""What every stream's pipeline is built from: the model, the configuration and the source fit.
+
+A :class:`Blueprint` holds what all streams share -- the (frozen) source model, its classes, the
+configuration, and, after :meth:`Blueprint.fit_source`, the OOD scorers fitted on source data, their
+thresholds, the novel-class detector and the adapter's source references (class prior, source-fallback
+reference). :meth:`Blueprint.new_parts` gives a fresh, independent set of per-stream components;
+:class:`streamtta.pipeline.Pipeline` wraps one such set.
+
+The scorers are fitted in the *adapter's* feature space: the source data go through a fresh adapter in
+shuffled i.i.d. batches of the engine's batch size (so norm layers see the same kind of statistics they
+see online), the scorer is built on them and its threshold set at 95% TPR on the hold-out.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamtta.config import Config
+
+
+def limit_helper_threads() -> None:
+    """One thread for numpy BLAS and FAISS: their batches are small, and extra threads only fight torch
+    for the cores."""
+    try:
+        import faiss
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        faiss.omp_set_num_threads(1)
+    except Exception:  # pragma: no cover - optional speed-up only
+        pass
+
+
+@dataclass
+class Parts:
+    """The per-stream components of one pipeline (each stream owns its own copies)."""
+
+    adapter: Any
+    scorer: Any
+    gate_scorer: Any | None
+    monitor: Any | None
+    policy: Any
+    readapter: Any | None
+    burst: Any | None
+    novelty: Any | None
+
+
+class Blueprint:
+    """Shared, fitted-once components; ``new_parts()`` makes the per-stream ones.
+
+    ``meta`` is the model's streamtta metadata (classes, input shape, source data), or None for a user's
+    model; then ``classes`` (or ``cfg.model.num_classes``) must be known before :meth:`new_parts`.
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, meta: Any | None = None, *,
+                 classes: list[int] | None = None) -> None:
+        from streamtta.adapters import DEFAULT_SPEC
+        from streamtta.detectors import DEFAULT_SCORER, build_scorer
+
+        limit_helper_threads()
+        self.cfg = cfg
+        self.model = model.eval()
+        self.meta = meta
+        if classes is None:
+            classes = list(meta.classes) if meta is not None else list(range(cfg.model.num_classes or 0))
+        self.classes: list[int] = [int(c) for c in classes]
+        self.spec = DEFAULT_SPEC if cfg.adapter.spec == "default" else cfg.adapter.spec
+        self.scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
+        self.base_scorer = build_scorer(self.scorer_name, **cfg.scorer.options)
+        gate_name = cfg.scorer.gate
+        self.base_gate_scorer = (build_scorer(gate_name, **cfg.scorer.gate_options)
+                                 if gate_name not in (None, "", "none", self.scorer_name) else None)
+        self.base_novelty: Any | None = None
+        self.calibrated = False
+        self._train: tuple[Any, Any | None] | None = None
+        self._source_fit: tuple[list[Any], float | None] | None = None
+        #: copied for every stream; built here so that a bad readapt option fails now, not at the first stream
+        self.base_readapter: Any | None = None
+        if cfg.monitor.readapt:
+            from streamtta.readapt import ReAdapter, load_meta_init
+
+            opts = {"hold_batches": cfg.monitor.hold_batches, **cfg.monitor.readapt_options}
+            meta_init = load_meta_init(cfg.model.source or "digits-resnet") if opts.get("restart", False) else None
+            try:
+                self.base_readapter = ReAdapter(meta_init, **opts)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"monitor.readapt_options: {e}") from None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_indices(self, labels: Any) -> torch.Tensor:
+        """Class labels -> output indices of the model (-1 for classes it does not know)."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return torch.as_tensor([index.get(int(v), -1) for v in np.asarray(labels).reshape(-1)])
+
+    # -- adapters ------------------------------------------------------------------------------
+    def new_adapter(self) -> Any:
+        """A fresh adapter; class-statistics norms (cb-stats) start from the source class prior and
+        guards that compare samples with the source (source-fallback) get their reference, once source
+        data are known."""
+        from streamtta.adapters import build_adapter
+
+        if not self.classes:
+            raise ValueError("the number of classes is unknown: set model.num_classes (or pass classes=) or "
+                             "call fit_source / process first so that a probe forward can tell")
+        torch.manual_seed(self.cfg.engine.seed)
+        adapter = build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
+        if hasattr(adapter, "fit_source") and self._train is not None:
+            # one source pass: cb-stats class prior and source-fallback's reference, cached for later adapters
+            x, y = self._train
+            with_prior = (self.cfg.adapter.class_prior and y is not None
+                          and bool(getattr(adapter, "_label_layers", None)))
+            if self._source_fit is None:
+                self._source_fit = adapter.fit_source(torch.as_tensor(np.asarray(x), dtype=torch.float32),
+                                                      self.class_indices(y) if with_prior else None)
+            else:
+                prior, reference = self._source_fit
+                if with_prior:
+                    adapter.set_class_prior(prior)
+                adapter.set_guard_reference(reference)
+        return adapter
+
+    @torch.no_grad()
+    def adapter_features(self, x: Any, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """``(logits, features, order)`` of ``x`` through a fresh adapter, in shuffled i.i.d. batches."""
+        adapter = self.new_adapter()
+        xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        order = np.random.default_rng(seed).permutation(len(xt))
+        bs = max(self.cfg.engine.batch_size, 2)
+        logits, feats = [], []
+        for i in range(0, len(order), bs):
+            lg, ft = adapter.features(xt[order[i:i + bs]])
+            logits.append(lg)
+            feats.append(ft)
+        return torch.cat(logits), torch.cat(feats), order
+
+    # -- source fit ----------------------------------------------------------------------------
+    def fit_source(self, x: Any = None, y: Any = None, *, holdout: Any = None,
+                   holdout_fraction: float = 0.2) -> "Blueprint":
+        """Fit on clean source data: the adapter's source references and, with ``scorer.calibrate``, the
+        scorer memories, thresholds (95% TPR on a hold-out) and the novel-class detector.
+
+        ``x=None`` takes the model's own source data (built-in models). ``y=None`` calibrates without
+        labels: pseudo-labels (the model's own predictions) stand in for classes. ``holdout`` is
+        ``x_holdout`` or ``(x_holdout, y_holdout)``; without it ``holdout_fraction`` of ``x`` is set aside.
+        """
+        if x is None:
+            if self.meta is None:
+                raise ValueError("fit_source() without data needs a model with streamtta metadata; pass x_source")
+            from streamtta.models.data import load_source_train, source_holdout
+
+            x, y = load_source_train(self.meta)
+            holdout = source_holdout(self.meta) if holdout is None else holdout
+        x = np.asarray(x, dtype=np.float32)
+        y = None if y is None else np.asarray(y)
+        if holdout is None:
+            cut = np.random.default_rng(self.cfg.engine.seed).permutation(len(x))
+            n_hold = int(round(holdout_fraction * len(x)))
+            if n_hold < 10 or len(x) - n_hold < 10:
+                raise ValueError(f"fit_source needs at least 20 source samples to set a hold-out aside, got {len(x)}")
+            hold_idx, cut = cut[:n_hold], cut[n_hold:]
+            holdout = x[hold_idx]
+            x, y = x[cut], (None if y is None else y[cut])
+        hx = holdout[0] if isinstance(holdout, (tuple, list)) else holdout
+        self._train, self._source_fit = (x, y), None
+        if self.cfg.scorer.calibrate:
+            self._calibrate(x, y, np.asarray(hx, dtype=np.float32))
+        return self
+
+    def _calibrate(self, x: np.ndarray, y: np.ndarray | None, hx: np.ndarray) -> None:
+        from streamtta.detectors import NovelClassDetector
+
+        lg, ft, order = self.adapter_features(x, seed=self.cfg.engine.seed)
+        labels = self.class_indices(y[order]) if y is not None else lg.argmax(1)
+        self.base_scorer.fit(ft, lg, labels)
+        hl, hf, _ = self.adapter_features(hx, seed=self.cfg.engine.seed + 1)
+        self.base_scorer.calibrate(hf, hl)
+        if self.base_gate_scorer is not None:
+            self.base_gate_scorer.fit(ft, lg, labels)
+            self.base_gate_scorer.calibrate(hf, hl)
+        self.base_novelty = NovelClassDetector().fit(ft, labels)
+        self.calibrated = True
+
+    # -- per-stream parts ------------------------------------------------------------------------
+    def new_parts(self) -> Parts:
+        """A fresh set of per-stream components (adapter from the source state, copies of the fitted
+        scorers, a new monitor and alert policy)."""
+        from streamtta.alerts import AlertPolicy
+        from streamtta.detectors import OODBurstRule, ShiftMonitor
+
+        mon = self.cfg.monitor
+        adapter = self.new_adapter()
+        scorer = copy.deepcopy(self.base_scorer)
+        monitor = (ShiftMonitor(detector=mon.detector, signals=tuple(mon.signals), cooldown_batches=mon.cooldown_batches,
+                                seed=self.cfg.engine.seed, **mon.options) if mon.enabled else None)
+        policy = AlertPolicy(cooldown_batches=self.cfg.alerts.cooldown_batches)
+        readapter = copy.deepcopy(self.base_readapter) if mon.enabled and self.base_readapter is not None else None
+        burst = OODBurstRule(**mon.burst) if mon.enabled and mon.burst is not None else None
+        novelty = copy.deepcopy(self.base_novelty) if mon.enabled and mon.novelty else None
+        gate = copy.deepcopy(self.base_gate_scorer) if self.base_gate_scorer is not None and self.calibrated else None
+        return Parts(adapter, scorer, gate, monitor, policy, readapter, burst, novelty)

@@ -1,0 +1,115 @@
+"""Atomic per-stream checkpoint files that hold data only.
+
+A checkpoint is written to a temporary file in the same directory, fsynced and renamed over the old one.
+It holds tensors, numbers, strings, lists and dicts: numpy arrays are stored as tensors (tagged, and
+turned back into arrays on load), and files are read with ``torch.load(weights_only=True)``, so loading
+one never runs code. A file that cannot be read that way (tampered, truncated, another format) raises
+:class:`CheckpointError` naming it.
+
+>>> import tempfile, numpy as np
+>>> store = CheckpointStore(tempfile.mkdtemp())
+>>> store.save("t:0", {"n": 3, "means": np.arange(3.0), "name": "x"})
+>>> st = store.load("t:0"); st["n"], st["means"].tolist(), st["name"]
+(3, [0.0, 1.0, 2.0], 'x')
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "streamtta.checkpoint"
+VERSION = 2
+_NDARRAY = "__ndarray__"
+_LIST_ARRAY = "__list_array__"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded as plain data."""
+
+
+def to_plain(obj: Any) -> Any:
+    """Numpy arrays -> tagged tensors, numpy scalars -> Python numbers, tuples -> lists (recursively)."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "biufc":
+            return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj)).clone()}
+        return {_LIST_ARRAY: to_plain(obj.tolist()), "dtype": "object" if obj.dtype == object else obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def from_plain(obj: Any) -> Any:
+    """The inverse of :func:`to_plain` (tuples come back as lists)."""
+    if isinstance(obj, dict):
+        if set(obj) == {_NDARRAY}:
+            return obj[_NDARRAY].numpy()
+        if set(obj) == {_LIST_ARRAY, "dtype"}:
+            return np.array(from_plain(obj[_LIST_ARRAY]), dtype=object if obj["dtype"] == "object" else obj["dtype"])
+        return {k: from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_plain(v) for v in obj]
+    return obj
+
+
+class CheckpointStore:
+    """One file per state key in ``directory``; file names are a sanitised prefix plus a hash of the key."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:80]
+        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return self.directory / f"{safe}-{digest}.pt"
+
+    def save(self, key: str, state: dict[str, Any]) -> None:
+        target = self.path(key)
+        payload = {"format": FORMAT, "version": VERSION, "key": key, "state": to_plain(state)}
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        """The saved state of ``key``, None when there is none; :class:`CheckpointError` when the file is
+        not a checkpoint of this format (never executes anything from it)."""
+        p = self.path(key)
+        if not p.exists():
+            return None
+        try:
+            payload = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {p} cannot be loaded as plain data: {str(e).splitlines()[0][:300]}") from None
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
+            raise CheckpointError(f"checkpoint {p} is not a {FORMAT} v{VERSION} file")
+        return from_plain(payload["state"])
+
+    def reject(self, key: str) -> Path:
+        """Move a bad checkpoint aside (``*.rejected``) so that the stream can start fresh."""
+        p = self.path(key)
+        dest = p.with_name(p.name + ".rejected")
+        os.replace(p, dest)
+        return dest
