@@ -76,6 +76,8 @@ class Blueprint:
                                  if gate_name not in (None, "", "none", self.scorer_name) else None)
         self.base_novelty: Any | None = None
         self.calibrated = False
+        #: the shape of one sample, once source data or a model's metadata tell it
+        self.input_shape: list[int] | None = list(meta.input_shape) if meta is not None else None
         self._train: tuple[Any, Any | None] | None = None
         self._source_fit: tuple[list[Any], float | None] | None = None
         #: copied for every stream; built here so that a bad readapt option fails now, not at the first stream
@@ -159,6 +161,9 @@ class Blueprint:
             holdout = source_holdout(self.meta) if holdout is None else holdout
         x = np.asarray(x, dtype=np.float32)
         y = None if y is None else np.asarray(y)
+        if y is not None and len(y) != len(x):
+            raise ValueError(f"fit_source got {len(x)} samples but {len(y)} labels")
+        self.input_shape = list(x.shape[1:])
         if holdout is None:
             cut = np.random.default_rng(self.cfg.engine.seed).permutation(len(x))
             n_hold = int(round(holdout_fraction * len(x)))

@@ -3,24 +3,20 @@
 One :class:`Engine` drives any :class:`~streamtta.stream.base.Source` (Kafka or an in-memory replay, so
 offline simulations take exactly the live code path). Per consumed batch of records:
 
-1. **decode** every record (:func:`streamtta.stream.envelope.decode_value`); a record that fails goes to
-   the dead-letter sink with its origin and error, and the batch goes on;
+1. **decode** every record; a record that fails goes to the dead-letter sink with its origin and error;
 2. **route** the good samples by state key (partition by default, or stream id) to that key's
    :class:`~streamtta.pipeline.Pipeline` -- spawned from the template pipeline, or restored from its
    checkpoint -- which adapts, scores, monitors, re-adapts and raises alerts (alerts go out at once);
-3. **sinks**: the predictions of the results a pipeline releases (with re-adaptation each result is held
-   ``monitor.hold_batches`` batches, at most ``monitor.hold_max_s`` seconds, and no longer once a poll
-   brings nothing);
+3. **sinks**: the predictions of the results a pipeline releases (held ``monitor.hold_batches`` batches,
+   at most ``monitor.hold_max_s`` s, and no longer once a poll brings nothing);
 4. **flush** every sink, **checkpoint** the touched streams atomically, and only then **commit**
    ``last processed offset + 1`` per partition -- never past a record whose predictions are held.
 
-Crash semantics: outputs are flushed before the checkpoint and the checkpoint (which stores the next
-offset per partition) before the commit. On restart, records the restored checkpoint already covers are
-skipped, so a crash between checkpoint and commit repeats nothing; a crash between flush and checkpoint
-repeats the outputs written since the last checkpoint (one batch, plus the held ones), with identical
-deterministic ids. A checkpoint carries the predictions of held results as they stand; a restart writes
-those first. Undecodable records after a held one are not committed either: after a crash they are
-dead-lettered again.
+Crash semantics: flush before checkpoint (which stores the next offset per partition) before commit.
+Records a restored checkpoint covers are skipped, so a crash between checkpoint and commit repeats
+nothing; one between flush and checkpoint repeats the outputs written since the last checkpoint (one
+batch plus the held ones) with identical deterministic ids. A checkpoint carries the predictions of held
+results; a restart writes those first. Undecodable records after a held one are dead-lettered again.
 """
 from __future__ import annotations
 
@@ -28,16 +24,16 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 
 from streamtta.alerts import Alert, OffsetRange
-from streamtta.checkpoints import CheckpointStore
+from streamtta.checkpoints import CheckpointError, CheckpointStore
 from streamtta.config import Config
 from streamtta.pipeline import Pipeline
-from streamtta.records import batch_record, dead_letter_alert, prediction_docs
+from streamtta.records import batch_record, dead_letter_alert, prediction_docs, state_rejected_alert
 from streamtta.results import BatchResult
 from streamtta.runlog import RunLog
 from streamtta.stream.base import DeadLetter, Sink, Source, TopicPartition
@@ -97,10 +93,8 @@ class Engine:
         self._batches_since_ckpt = 0
         self._dirty: set[str] = set()
         self._carry: list[RawRecord] = []
-        shape = cfg.engine.expected_shape
-        meta = pipeline.blueprint.meta
-        if shape is None and meta is not None:
-            shape = list(meta.input_shape)
+        # the input shape: configured, else the model's or its source data's, else the first record's
+        shape = cfg.engine.expected_shape or pipeline.blueprint.input_shape
         self.limits = DecodeLimits(max_bytes=cfg.engine.max_record_bytes, expected_shape=tuple(shape) if shape else None)
         source.on_revoke(self._on_revoke)
 
@@ -114,11 +108,18 @@ class Engine:
                                and set(self.states[key].next_offsets) & set(partitions)):
                 del self.states[key]
 
-    def state_for(self, key: str) -> StreamState:
+    def state_for(self, key: str, rec: RawRecord) -> StreamState:
+        """The stream of ``key`` (``rec``: its first record now): held, restored from its checkpoint, or
+        new. A checkpoint that cannot be loaded is moved aside and the stream starts fresh, with an alert."""
         st = self.states.get(key)
         if st is None:
             st = StreamState(key, self.template.spawn())
-            saved = self.store.load(key) if self.store is not None else None
+            try:
+                saved = self.store.load(key) if self.store is not None else None
+            except CheckpointError as e:
+                log.error("%s; moved aside to %s, stream %s starts fresh", e, self.store.reject(key), key)
+                self._emit_alert(state_rejected_alert(key, rec, str(e)))
+                saved = None
             if saved is not None:
                 st.load_state_dict(saved)
                 log.info("restored state %s at batch %d", key, st.pipe.batch_index)
@@ -137,8 +138,7 @@ class Engine:
         kcfg = self.cfg.kafka
         stop_at_end = kcfg.stop_at_end or getattr(self.source, "finite", False)
         last_data = time.monotonic()
-        # an exception propagates without the final commit: offsets of a half-processed batch are never
-        # committed, so the records are re-delivered after a restart (at-least-once)
+        # an exception propagates without the final commit: a half-processed batch is re-delivered
         while not self.stop_event.is_set():
             self._backpressure()
             if self._carry:
@@ -166,11 +166,8 @@ class Engine:
 
     def _pending_outputs(self) -> int:
         """Outputs queued for delivery (sinks may share one producer, so take the largest count)."""
-        most = 0
-        for s in self.outputs.all():
-            p = getattr(s, "pending", 0)
-            most = max(most, int(p() if callable(p) else p))
-        return most
+        pending = [getattr(s, "pending", 0) for s in self.outputs.all()]
+        return max([int(p() if callable(p) else p) for p in pending], default=0)
 
     def _backpressure(self) -> None:
         """While too many outputs wait for delivery, pause the input and keep polling until they drain."""
@@ -200,6 +197,8 @@ class Engine:
         for rec in records:
             try:
                 sample = decode_value(rec.value, self.limits)
+                if self.limits.expected_shape is None:  # later records of another shape are dead-lettered
+                    self.limits = replace(self.limits, expected_shape=tuple(sample.x.shape))
             except DecodeError as e:
                 bad.append((rec, str(e)))
                 continue
@@ -211,7 +210,7 @@ class Engine:
             self.dead_letters += len(bad)
             self._emit_alert(dead_letter_alert(bad))
         for key, items in groups.items():
-            st = self.state_for(key)
+            st = self.state_for(key, items[0][0])
             fresh = [(r, s) for r, s in items if r.offset >= st.next_offsets.get((r.topic, r.partition), -1)]
             self.skipped += len(items) - len(fresh)
             if fresh:

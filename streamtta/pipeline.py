@@ -32,6 +32,7 @@ directly (``Pipeline(model, ...)``) holds nothing unless ``hold_batches`` is giv
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,10 @@ from streamtta.detectors.ood.scorer import score_and_flag
 from streamtta.detectors.shift import batch_signals, input_signals
 from streamtta.results import BatchResult
 from streamtta.types import StepOutput
+
+
+#: final results kept for :meth:`Pipeline.release` at most (older ones are dropped if never released)
+READY_MAX = 1024
 
 
 def _jsonable(v: Any) -> bool:
@@ -59,7 +64,8 @@ class Pipeline:
         An ``nn.Module`` (also a TorchScript module), or a built-in name / checkpoint or TorchScript path /
         ``'module:factory'`` (see :func:`streamtta.models.registry.load_model`).
     adapter, scorer
-        Adapter spec (``"default"``, ``"bn"``, ``"cb-stats+tent+conf-drop"``, ...) and OOD scorer name.
+        Adapter spec (``"default"``, ``"bn"``, ``"cb-stats+tent+conf-drop"``, ...) and OOD scorer name;
+        None takes them from ``config`` (default ``"default"``).
     config
         A :class:`~streamtta.config.Config` (or a dict of its sections) for everything else: gate scorer,
         monitor, re-adaptation, alerts, seed, batch size used when fitting on source data.
@@ -70,11 +76,12 @@ class Pipeline:
         Overrides ``monitor.hold_batches`` (default 0 here: every result is final at once).
     """
 
-    def __init__(self, model: Any, adapter: str = "default", scorer: str = "default", *,
+    def __init__(self, model: Any, adapter: str | None = None, scorer: str | None = None, *,
                  config: Config | dict[str, Any] | None = None, classes: list[int] | None = None,
                  num_classes: int | None = None, hold_batches: int | None = 0, meta: Any = None) -> None:
         cfg = config.model_copy(deep=True) if isinstance(config, Config) else load_config(overrides=config, env=False)
-        cfg.adapter.spec, cfg.scorer.name = adapter, scorer
+        cfg.adapter.spec = adapter if adapter is not None else cfg.adapter.spec
+        cfg.scorer.name = scorer if scorer is not None else cfg.scorer.name
         if hold_batches is not None:
             cfg.monitor.hold_batches = hold_batches
         if num_classes is not None:
@@ -91,11 +98,14 @@ class Pipeline:
         self.batch_index = 0
         self.n_samples = 0
         self._held: list[BatchResult] = []
+        self._ready: deque[BatchResult] = deque(maxlen=READY_MAX)
         self._parts = blueprint.new_parts() if blueprint.classes else None
 
     @classmethod
-    def from_config(cls, cfg: Config, model: Any = None, meta: Any = None) -> "Pipeline":
-        """A pipeline with every option from ``cfg`` (``model=None`` loads ``cfg.model.source``)."""
+    def from_config(cls, cfg: Config | dict[str, Any], model: Any = None, meta: Any = None) -> "Pipeline":
+        """A pipeline with every option from ``cfg`` (a Config or a dict of its sections; ``model=None``
+        loads ``cfg.model.source``)."""
+        cfg = cfg if isinstance(cfg, Config) else load_config(overrides=cfg, env=False)
         if model is None:
             from streamtta.models.registry import load_model
 
@@ -265,6 +275,8 @@ class Pipeline:
         cur.step_s = time.perf_counter() - t0
         cur.done_at = time.perf_counter()
         self._held.append(cur)
+        while len(self._held) > self.hold:  # final now: no re-processing can reach it any more
+            self._ready.append(self._finalise(self._held.pop(0)))
         return cur
 
     # -- results ----------------------------------------------------------------------------------
@@ -276,18 +288,23 @@ class Pipeline:
 
     @property
     def held(self) -> list[BatchResult]:
-        """Results not final yet (oldest first)."""
+        """Results not final yet (oldest first): at most ``hold``."""
         return list(self._held)
 
+    @staticmethod
+    def _finalise(b: BatchResult) -> BatchResult:
+        b.pre_state = None  # no re-processing can need the adapter state before it any more
+        return b
+
     def release(self, *, older_than_s: float | None = None, everything: bool = False) -> list[BatchResult]:
-        """Hand out the results that are final: beyond the hold window, or older than ``older_than_s``
-        seconds, or all of them (``everything``)."""
-        now, out = time.perf_counter(), []
-        while self._held and (everything or len(self._held) > self.hold
-                              or (older_than_s is not None and now - self._held[0].done_at > older_than_s)):
-            b = self._held.pop(0)
-            b.pre_state = None
-            out.append(b)
+        """Hand out the results that became final since the last call (beyond the hold window), plus held
+        ones older than ``older_than_s`` seconds, or all held ones (``everything``). Final results that are
+        never released are kept for the last ``READY_MAX`` batches only (memory stays bounded)."""
+        now = time.perf_counter()
+        while self._held and (everything or (older_than_s is not None and now - self._held[0].done_at > older_than_s)):
+            self._ready.append(self._finalise(self._held.pop(0)))
+        out = list(self._ready)
+        self._ready.clear()
         return out
 
     # -- state --------------------------------------------------------------------------------
@@ -311,4 +328,4 @@ class Pipeline:
                 getattr(p, name).load_state_dict(st[name])
         self.batch_index = int(st["batch_index"])
         self.n_samples = int(st["n_samples"])
-        self._held = []
+        self._held, self._ready = [], deque(maxlen=READY_MAX)

@@ -59,3 +59,11 @@ def dead_letter_alert(bad: Sequence[tuple[RawRecord, str]]) -> Alert:
                                             first=first.offset, last=last.offset),
                         severity=Severity.warning, message=f"{len(bad)} record(s) sent to the dead-letter topic",
                         evidence={"count": len(bad), "first_error": bad[0][1][:500]}, action="dead_lettered")
+
+
+def state_rejected_alert(key: str, rec: RawRecord, error: str) -> Alert:
+    """A stream's checkpoint could not be loaded: it was moved aside and the stream starts fresh."""
+    return Alert.create(AlertKind.state_rejected, stream_id=key,
+                        offsets=OffsetRange(topic=rec.topic, partition=rec.partition, first=rec.offset, last=rec.offset),
+                        severity=Severity.warning, message=f"checkpoint of {key} rejected; the stream starts fresh",
+                        evidence={"error": error[:500]}, action="started_fresh")

@@ -302,3 +302,41 @@ def test_held_predictions_are_released_after_hold_max_s_and_checkpoints_follow(t
         assert store.load("t:0")["held_predictions"] == [] and len(out.predictions.values) == 96
     assert seen[0] == [0, 0, 16, 32, 48, 64]  # one batch held until the next one is processed
     assert seen[1] == [0, 16, 32, 48, 64, 80]  # held past hold_max_s: written before the next poll
+
+
+class _Exploit:
+    """A pickle payload that would create a marker file if anything unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "garbage"])
+def test_bad_checkpoint_is_moved_aside_never_executed_and_the_stream_starts_fresh(tmp_path, model_meta, kind):
+    import pickle
+
+    cfg = cfg_for(tmp_path, spec="bn", bs=16)
+    store = CheckpointStore(cfg.engine.checkpoint_dir)
+    marker = tmp_path / "pwned"
+    good, _ = make_engine(cfg, MemorySource(digit_values(32), topic="t"), build_pipeline(cfg, *model_meta), store=store)
+    good.run()
+    path = store.path("t:0")
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"pipeline": _Exploit(marker)}))
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(b"\x00garbage" * 50)
+    eng, out = make_engine(cfg, MemorySource(digit_values(64), topic="t"), build_pipeline(cfg, *model_meta),
+                           store=store)
+    eng.run()
+    assert not marker.exists()  # nothing in the file ran
+    assert path.with_name(path.name + ".rejected").exists()
+    alerts = [a for a in out.alerts[0].values if a["kind"] == "state_rejected"]
+    assert len(alerts) == 1 and str(path) in alerts[0]["evidence"]["error"]
+    # started fresh: every record predicted, the new checkpoint loads
+    assert sorted(p["offset"] for p in out.predictions.values) == list(range(64))
+    assert store.load("t:0")["pipeline"]["batch_index"] == 4

@@ -132,3 +132,34 @@ def test_bad_inputs_give_clear_errors():
         streamtta.Pipeline(mlp(), adapter="bn").fit_source(np.zeros((5, 8), np.float32))
     with pytest.raises(ValueError, match="not a built-in model"):
         streamtta.Pipeline("no-such-model")
+
+
+def test_memory_stays_bounded_when_results_are_never_released():
+    pipe = streamtta.Pipeline(mlp(), adapter="bn", scorer="energy", hold_batches=1)
+    pipe.fit_source(torch.randn(200, 8))
+    for _ in range(1100):
+        pipe.process(torch.randn(8, 8))
+    assert len(pipe.held) == 1 and pipe.held[0].pre_state is not None
+    ready = pipe.release()
+    assert len(ready) == 1024 and ready[-1].batch_index == 1098 and all(r.pre_state is None for r in ready)
+
+
+def test_config_choices_are_kept_unless_overridden():
+    cfg = load_config(overrides={"adapter": {"spec": "tent"}, "scorer": {"name": "energy"}}, env=False)
+    assert repr(streamtta.Pipeline(mlp(), config=cfg)).startswith("Pipeline(adapter='tent', scorer='energy'")
+    assert repr(streamtta.Pipeline(mlp(), adapter="bn", config=cfg)).startswith("Pipeline(adapter='bn'")
+    pipe = streamtta.Pipeline.from_config({"adapter": {"spec": "bn"}}, mlp())
+    assert pipe.cfg.adapter.spec == "bn"
+
+
+def test_engine_dead_letters_a_wrong_shape_record_for_a_user_model():
+    rng = np.random.default_rng(0)
+    template = streamtta.Pipeline(mlp(), adapter="bn", scorer="energy").fit_source(rng.normal(size=(300, 8)))
+    vals = [encode_tensor(rng.normal(size=8).astype(np.float32), "s1") for _ in range(50)]
+    vals.insert(20, encode_tensor(np.zeros(7, np.float32), "s1"))
+    out = Outputs(predictions=MemorySink(), alerts=[MemorySink()], dlq=MemoryDeadLetter())
+    src = MemorySource(vals, topic="t")
+    Engine(load_config(overrides={"engine": {"batch_size": 16}}, env=False), src, out, template).run()
+    assert [r.offset for r, _ in out.dlq.records] == [20]
+    assert sorted(p["offset"] for p in out.predictions.values) == [i for i in range(51) if i != 20]
+    assert src.committed == {("t", 0): 51}

@@ -22,6 +22,7 @@ class AlertKind(str, Enum):
     novel_cluster = "novel_cluster"
     collapse_guard = "collapse_guard"
     dead_letter = "dead_letter"
+    state_rejected = "state_rejected"
 
 
 class Severity(str, Enum):
