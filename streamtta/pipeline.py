@@ -51,10 +51,6 @@ from streamtta.types import StepOutput
 READY_MAX = 1024
 
 
-def _jsonable(v: Any) -> bool:
-    return isinstance(v, (int, float, str, bool, type(None)))
-
-
 class Pipeline:
     """Adapt, score, monitor, re-adapt and alert on one stream of batches.
 
@@ -265,7 +261,7 @@ class Pipeline:
                 events.append(burst)
         if cur.out.reset:
             events.append(GuardResetEvent(batch_index=self.batch_index, reason=str(cur.out.info.get("guard", "")),
-                                          evidence={k: v for k, v in cur.out.info.items() if _jsonable(v)}))
+                                          evidence=cur.scalar_info))
         if offsets is None:
             offsets = OffsetRange(topic="", partition=0, first=self.n_samples, last=self.n_samples + len(x) - 1)
         cur.alerts = p.policy.process(events, stream_id=stream_id, offsets=offsets, batch_index=self.batch_index,

@@ -16,10 +16,6 @@ from streamtta.runlog import BatchRecord
 from streamtta.types import RawRecord, Sample
 
 
-def _jsonable(v: Any) -> bool:
-    return isinstance(v, (int, float, str, bool, type(None)))
-
-
 def prediction_docs(result: BatchResult) -> list[dict[str, Any]]:
     """One prediction record per input record of a result whose ``tag`` holds its ``(record, sample)``s."""
     items: Sequence[tuple[RawRecord, Sample]] = result.tag
@@ -48,7 +44,7 @@ def batch_record(result: BatchResult, index: int, docs: list[dict[str, Any]]) ->
         ood_flags=np.asarray(result.ood_flags).tolist(), is_unknown=[s.is_unknown for _, s in items],
         domains=[s.domain for _, s in items], entropy=result.entropy.tolist(), updated=result.updated.tolist(),
         latency_s=time.perf_counter() - result.received_at, step_s=result.step_s, shift=result.shift, reset=result.reset,
-        info={k: v for k, v in result.info.items() if _jsonable(v)})
+        info=result.scalar_info)
 
 
 def dead_letter_alert(bad: Sequence[tuple[RawRecord, str]]) -> Alert:

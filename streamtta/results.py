@@ -80,3 +80,8 @@ class BatchResult:
     @property
     def info(self) -> dict[str, Any]:
         return self.out.info
+
+    @property
+    def scalar_info(self) -> dict[str, Any]:
+        """The ``info`` entries that are JSON scalars (numbers, strings, booleans, None)."""
+        return {k: v for k, v in self.out.info.items() if isinstance(v, (int, float, str, bool, type(None)))}
