@@ -297,11 +297,12 @@ def graceful_shutdown(engine: Engine) -> Iterator[None]:
 def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir: Path | None,
                        runlog: RunLog | None) -> tuple[Engine, ExitStack]:
     from streamtta.stream.kafka import KafkaDeadLetter, KafkaSink, KafkaSource, make_producer
+    from streamtta.stream.kafka.settings import client_settings
     from streamtta.stream.memory import JsonlSink
 
     k = cfg.kafka
     stack = ExitStack()
-    producer = make_producer(bootstrap, **k.producer)
+    producer = make_producer(bootstrap, **client_settings(k, "producer"))
     stack.callback(producer.flush, 30)
     preds = KafkaSink(producer, k.resolved_predictions_topic()) if k.predictions else None
     alerts: list[Any] = []
@@ -310,7 +311,8 @@ def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir:
     if cfg.alerts.jsonl and run_dir is not None:
         alerts.append(JsonlSink(run_dir / "alerts.jsonl"))
     dlq = KafkaDeadLetter(producer, k.resolved_dlq_topic())
-    source = KafkaSource(bootstrap, [k.topic], k.group_id, overrides=dict(k.consumer), stop_at_end=k.stop_at_end)
+    source = KafkaSource(bootstrap, [k.topic], k.group_id, overrides=client_settings(k, "consumer"),
+                         stop_at_end=k.stop_at_end)
     stack.callback(source.close)
     store = CheckpointStore(cfg.engine.checkpoint_dir)
     engine = Engine(cfg, source, Outputs(preds, alerts, dlq), pipeline, store=store, runlog=runlog)

@@ -41,6 +41,14 @@ class KafkaConfig(Section):
     max_pending_outputs: int = Field(50_000, ge=1, description="Pause consumption while more outputs wait for delivery.")
     consumer: dict[str, Scalar] = Field(default_factory=dict, description="Extra librdkafka consumer settings.")
     producer: dict[str, Scalar] = Field(default_factory=dict, description="Extra librdkafka producer settings.")
+    security: dict[str, Scalar] = Field(
+        default_factory=dict, description="librdkafka security settings (security.protocol, sasl.*, ssl.*) shared "
+                                          "by every client: consumer, producers, admin and replay. Secrets in it "
+                                          "are redacted in every file and log streamtta writes.")
+    connect_timeout_s: float = Field(30.0, gt=0, description="Retry a broker that cannot be reached at start-up "
+                                                             "this long (with backoff), then exit non-zero.")
+    create_topics: bool = Field(False, description="Create missing input/output topics (the embedded broker "
+                                                   "always does); otherwise a missing input topic is an error.")
 
     def resolved_dlq_topic(self) -> str:
         return self.dlq_topic or f"{self.topic}.dlq"
@@ -136,6 +144,8 @@ class EngineConfig(Section):
     expected_shape: list[int] | None = Field(None, description="Reject payloads of another shape (default: model's).")
     seed: int = Field(0, description="Seed of adapters, scenario streams and replays.")
     record_log: bool = Field(True, description="Keep per-batch records for metrics and plots.")
+    max_states: int = Field(1024, ge=1, description="Per-stream states kept in memory (least recently used "
+                                                   "ones are checkpointed and evicted, restored on demand).")
 
 
 class RunConfig(Section):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "consumer_config", "producer_config"]
+__all__ = ["CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "consumer_config", "producer_config", "client_settings"]
 
 #: librdkafka consumer settings used unless overridden (see :mod:`streamtta.stream.kafka` for the reasons).
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -70,3 +70,19 @@ def producer_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> dic
     conf.update(_kconf(overrides))
     conf["bootstrap.servers"] = bootstrap_servers
     return conf
+
+
+def client_settings(kafka: Any, role: str) -> dict[str, Any]:
+    """The librdkafka overrides of one client of a run: ``kafka.security`` (shared by every client) then the
+    role's own settings (``kafka.consumer`` for ``"consumer"``, ``kafka.producer`` for ``"producer"``;
+    ``"admin"`` gets the security settings only). ``kafka`` is a :class:`~streamtta.config.KafkaConfig`.
+
+    >>> from streamtta.config import Config
+    >>> k = Config(kafka={"security": {"security.protocol": "SASL_SSL"}, "producer": {"linger.ms": 0}}).kafka
+    >>> client_settings(k, "producer"), client_settings(k, "admin")
+    ({'security.protocol': 'SASL_SSL', 'linger.ms': 0}, {'security.protocol': 'SASL_SSL'})
+    """
+    own = {"consumer": kafka.consumer, "producer": kafka.producer, "admin": {}}
+    if role not in own:
+        raise ValueError(f"client_settings: role must be one of {sorted(own)}, got {role!r}")
+    return {**_kconf(kafka.security), **_kconf(own[role])}
