@@ -17,6 +17,9 @@ Records a restored checkpoint covers are skipped, so a crash between checkpoint 
 nothing; one between flush and checkpoint repeats the outputs written since the last checkpoint (one
 batch plus the held ones) with identical deterministic ids. A checkpoint carries the predictions of held
 results; a restart writes those first. Undecodable records after a held one are dead-lettered again.
+After any exception (decode, step, scoring, a sink, a checkpoint, a commit) the engine is *failed*: it
+re-raises, and neither the revoke callback nor close checkpoints or commits again, so a restart re-reads
+from the last commit. States live in a bounded LRU table (:mod:`streamtta.states`).
 """
 from __future__ import annotations
 
@@ -24,50 +27,27 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
 
 from streamtta.alerts import Alert, OffsetRange
-from streamtta.checkpoints import CheckpointError, CheckpointStore
+from streamtta.checkpoints import CheckpointStore
 from streamtta.config import Config
+from streamtta.faults import point
 from streamtta.pipeline import Pipeline
-from streamtta.records import batch_record, dead_letter_alert, prediction_docs, state_rejected_alert
+from streamtta.records import batch_record, dead_letter_alert, prediction_docs
 from streamtta.results import BatchResult
 from streamtta.runlog import RunLog
-from streamtta.stream.base import DeadLetter, Sink, Source, TopicPartition
+from streamtta.states import StateTable, StreamState
+from streamtta.stream.base import Outputs, Source, TopicPartition
 from streamtta.stream.envelope import DecodeError, DecodeLimits, decode_value
 from streamtta.types import RawRecord, Sample
 
+__all__ = ["Engine", "Outputs"]
+
 log = logging.getLogger("streamtta.engine")
-
-
-@dataclass
-class Outputs:
-    predictions: Sink | None
-    alerts: list[Sink]
-    dlq: DeadLetter
-
-    def all(self) -> list[Any]:
-        return [s for s in [self.predictions, *self.alerts, self.dlq] if s is not None]
-
-
-@dataclass
-class StreamState:
-    """One state key's pipeline and the next offset per partition its checkpoint covers."""
-
-    key: str
-    pipe: Pipeline
-    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
-
-    def state_dict(self, held: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"key": self.key, "pipeline": self.pipe.state_dict(), "held_predictions": held,
-                "next_offsets": [[t, p, o] for (t, p), o in self.next_offsets.items()]}
-
-    def load_state_dict(self, st: dict[str, Any]) -> None:
-        self.pipe.load_state_dict(st["pipeline"])
-        self.next_offsets = {(str(t), int(p)): int(o) for t, p, o in st["next_offsets"]}
 
 
 class Engine:
@@ -83,7 +63,8 @@ class Engine:
         self.store = store
         self.runlog = runlog
         self.on_batch = on_batch
-        self.states: dict[str, StreamState] = {}
+        self.states = StateTable(pipeline, store, max_states=cfg.engine.max_states, alert=self._emit_alert,
+                                 end_offset=getattr(source, "end_offset", None))
         self.stop_event = threading.Event()
         self.records_seen = self.samples_processed = self.dead_letters = self.skipped = self.batches = 0
         self.step_time_s = 0.0
@@ -93,6 +74,9 @@ class Engine:
         self._batches_since_ckpt = 0
         self._dirty: set[str] = set()
         self._carry: list[RawRecord] = []
+        self._committed: dict[TopicPartition, int] = {}
+        #: the exception that stopped the engine; after one, nothing more is checkpointed or committed
+        self.failed: BaseException | None = None
         # the input shape: configured, else the model's or its source data's, else the first record's
         shape = cfg.engine.expected_shape or pipeline.blueprint.input_shape
         self.limits = DecodeLimits(max_bytes=cfg.engine.max_record_bytes, expected_shape=tuple(shape) if shape else None)
@@ -100,36 +84,15 @@ class Engine:
 
     # -- streams ---------------------------------------------------------------------------------
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
-        """Checkpoint and forget the streams of revoked partitions (the new owner restores them)."""
-        self._finish_batch(force=True)
+        """Checkpoint and forget the streams of revoked partitions (the new owner restores them); after a
+        failure only forget them: nothing past the last commit is written, checkpointed or committed."""
+        if self.failed is None:
+            self._finish_batch(force=True)
         lost = {f"{t}:{p}" for t, p in partitions}
         for key in list(self.states):
             if key in lost or (self.cfg.engine.state_key == "stream_id"
                                and set(self.states[key].next_offsets) & set(partitions)):
-                del self.states[key]
-
-    def state_for(self, key: str, rec: RawRecord) -> StreamState:
-        """The stream of ``key`` (``rec``: its first record now): held, restored from its checkpoint, or
-        new. A checkpoint that cannot be loaded is moved aside and the stream starts fresh, with an alert."""
-        st = self.states.get(key)
-        if st is None:
-            st = StreamState(key, self.template.spawn())
-            try:
-                saved = self.store.load(key) if self.store is not None else None
-            except CheckpointError as e:
-                log.error("%s; moved aside to %s, stream %s starts fresh", e, self.store.reject(key), key)
-                self._emit_alert(state_rejected_alert(key, rec, str(e)))
-                saved = None
-            if saved is not None:
-                st.load_state_dict(saved)
-                log.info("restored state %s at batch %d", key, st.pipe.batch_index)
-                held = saved.get("held_predictions") or []
-                if held:  # the next checkpoint records them as written
-                    self._write_predictions(st, held)
-                    self._dirty.add(key)
-                    log.info("wrote %d held predictions of %s from its checkpoint", len(held), key)
-            self.states[key] = st
-        return st
+                self.states.pop(key)
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self, *, max_records: int | None = None) -> None:
@@ -139,6 +102,15 @@ class Engine:
         stop_at_end = kcfg.stop_at_end or getattr(self.source, "finite", False)
         last_data = time.monotonic()
         # an exception propagates without the final commit: a half-processed batch is re-delivered
+        try:
+            self._loop(max_records, stop_at_end, last_data)
+            self._finish_batch(force=True)
+        except BaseException as e:
+            self.failed = self.failed or e
+            raise
+
+    def _loop(self, max_records: int | None, stop_at_end: bool, last_data: float) -> None:
+        kcfg = self.cfg.kafka
         while not self.stop_event.is_set():
             self._backpressure()
             if self._carry:
@@ -150,22 +122,20 @@ class Engine:
                 self.process(records)
                 self._release(older_than_s=self.cfg.monitor.hold_max_s)
                 if max_records is not None and self.records_seen >= max_records:
-                    break
+                    return
                 continue
             if any(st.pipe.held for st in self.states.values()):  # nothing came: held outputs go out now
                 self._finish_batch(force=True)
             if stop_at_end and self.source.at_end():
-                break
+                return
             if kcfg.idle_timeout_s is not None and time.monotonic() - last_data > kcfg.idle_timeout_s:
                 log.info("no record for %.1f s: stopping", kcfg.idle_timeout_s)
-                break
-        self._finish_batch(force=True)
+                return
 
     def request_stop(self) -> None:
         self.stop_event.set()
 
-    def _pending_outputs(self) -> int:
-        """Outputs queued for delivery (sinks may share one producer, so take the largest count)."""
+    def _pending_outputs(self) -> int:  # sinks may share one producer: the largest count
         pending = [getattr(s, "pending", 0) for s in self.outputs.all()]
         return max([int(p() if callable(p) else p) for p in pending], default=0)
 
@@ -188,13 +158,24 @@ class Engine:
             self.source.resume()
 
     def process(self, records: list[RawRecord]) -> None:
-        """Process one consumed batch end to end (up to the commit)."""
+        """Process one consumed batch end to end (up to the commit). After an exception here the engine
+        is failed: it checkpoints and commits nothing more (a restart re-reads from the last commit)."""
+        try:
+            self._process(records)
+        except BaseException as e:
+            self.failed = self.failed or e
+            raise
+
+    def _process(self, records: list[RawRecord]) -> None:
+        if self.failed is not None:
+            raise RuntimeError(f"the engine failed earlier ({self.failed!r}); start a new one") from self.failed
         t0 = time.perf_counter()
         self.first_record_at = self.first_record_at or t0
         self.records_seen += len(records)
         groups: dict[str, list[tuple[RawRecord, Sample]]] = defaultdict(list)
         bad: list[tuple[RawRecord, str]] = []
         for rec in records:
+            point("decode")
             try:
                 sample = decode_value(rec.value, self.limits)
                 if self.limits.expected_shape is None:  # later records of another shape are dead-lettered
@@ -202,15 +183,25 @@ class Engine:
             except DecodeError as e:
                 bad.append((rec, str(e)))
                 continue
+            except Exception as e:  # a decoder bug must not become a poison pill either
+                log.exception("decoding %s[%d]@%d failed", rec.topic, rec.partition, rec.offset)
+                bad.append((rec, f"undecodable record ({type(e).__name__}: {e})"))
+                continue
             key = f"{rec.topic}:{rec.partition}" if self.cfg.engine.state_key == "partition" else sample.stream_id
             groups[key].append((rec, sample))
         for rec, err in bad:
+            point("dlq")
             self.outputs.dlq.send(rec, err)
         if bad:
             self.dead_letters += len(bad)
             self._emit_alert(dead_letter_alert(bad))
         for key, items in groups.items():
-            st = self.state_for(key, items[0][0])
+            st = self.states.get(key, items[0][0])
+            held = self.states.admit(st, items)
+            if held:  # predictions its checkpoint held: written now, recorded as written by the next one
+                self._write_predictions(st, held)
+                self._dirty.add(key)
+                log.info("wrote %d held predictions of %s from its checkpoint", len(held), key)
             fresh = [(r, s) for r, s in items if r.offset >= st.next_offsets.get((r.topic, r.partition), -1)]
             self.skipped += len(items) - len(fresh)
             if fresh:
@@ -242,6 +233,7 @@ class Engine:
         """Write prediction records; their offsets become done (skipped if delivered again) and committable."""
         psink = self.outputs.predictions
         for doc in docs:
+            point("predictions")
             if psink is not None:
                 psink.write(doc["stream_id"], doc)
             tp = (doc["topic"], doc["partition"])
@@ -264,6 +256,7 @@ class Engine:
 
     def _emit_alert(self, alert: Alert) -> None:
         doc = alert.model_dump(mode="json")
+        point("alert")
         for sink in self.outputs.alerts:
             sink.write(alert.stream_id, doc)
         if self.runlog is not None:
@@ -271,19 +264,20 @@ class Engine:
 
     # -- flush, checkpoint, commit ---------------------------------------------------------------
     def _finish_batch(self, *, force: bool) -> None:
+        if self.failed is not None:  # never checkpoint or commit after a failure
+            return
         if force:  # end of the run or a revocation: nothing stays held
             self._release(everything=True)
         if not self._pending_commit:
             return
         if not force and self._batches_since_ckpt < self.cfg.engine.checkpoint_every:
             return
-        for st in self.states.values():  # never commit past a record whose outputs are still held
-            for res in st.pipe.held:
-                for r, _ in res.tag:
-                    tp = (r.topic, r.partition)
-                    if tp in self._pending_commit:
-                        self._pending_commit[tp] = min(self._pending_commit[tp], r.offset)
+        pend = self._pending_commit  # never commit past a record whose outputs are still held
+        for r, _ in (item for st in self.states.values() for res in st.pipe.held for item in res.tag):
+            if (r.topic, r.partition) in pend:
+                pend[(r.topic, r.partition)] = min(pend[(r.topic, r.partition)], r.offset)
         for sink in self.outputs.all():
+            point("flush")
             sink.flush()
         if self.store is not None:
             for key in sorted(self._dirty):
@@ -292,8 +286,13 @@ class Engine:
                     # held predictions travel with the state that has adapted on their records: a restart
                     # writes them instead of adapting on those records a second time
                     held = [d for res in st.pipe.held for d in prediction_docs(res)]
+                    st.committed.update({tp: o for tp, o in self._committed.items() if tp in st.next_offsets})
+                    point("checkpoint")
                     self.store.save(key, st.state_dict(held))
-        self._dirty.clear()
+        point("commit")
         self.source.commit(dict(self._pending_commit))
+        self._committed.update(self._pending_commit)
         self._pending_commit.clear()
         self._batches_since_ckpt = 0
+        self._dirty.clear()
+        self.states.evict()

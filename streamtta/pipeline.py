@@ -43,6 +43,7 @@ from streamtta.blueprint import Blueprint
 from streamtta.config import Config, load_config
 from streamtta.detectors.ood.scorer import score_and_flag
 from streamtta.detectors.shift import batch_signals, input_signals
+from streamtta.faults import point
 from streamtta.results import BatchResult
 from streamtta.types import StepOutput
 
@@ -190,8 +191,10 @@ class Pipeline:
     def step(self, x: torch.Tensor, feed: bool = True) -> tuple[StepOutput, np.ndarray, np.ndarray, np.ndarray]:
         """One adapter step gated by the scorers: ``(output, scores, ood flags, keep)``."""
         scored: dict[str, Any] = {}
+        point("step")
 
         def gate(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+            point("score")
             scored["v"] = self.score(features, logits, feed)
             return torch.from_numpy(scored["v"][2])
 
@@ -236,7 +239,8 @@ class Pipeline:
             unknown_hits = np.full(len(x), p.novelty.last_unknown_hits)
         # the monitor, the novelty detector and the adaptive thresholds see the batch as first processed:
         # that is the evidence a shift is confirmed on
-        signals = {**batch_signals(scores, flags, out.entropy.numpy(), unknown_hits), **input_signals(x)}
+        finite_x = x[torch.from_numpy(~cur.nonfinite)] if cur.nonfinite.any() and not cur.nonfinite.all() else x
+        signals = {**batch_signals(scores, flags, out.entropy.numpy(), unknown_hits), **input_signals(finite_x)}
         ev = p.monitor.update(signals, self.batch_index) if p.monitor is not None else None
         if ev is not None:
             events.append(ev)

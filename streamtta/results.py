@@ -25,6 +25,22 @@ class BatchResult:
     ``ood_flags`` the samples the scorer calls unknown, ``alerts`` the :class:`~streamtta.alerts.Alert`
     objects this batch raised (the ``alerts.jsonl`` schema), ``shift`` the kind of a shift confirmed on
     it. ``tag`` is whatever the caller passed to ``process`` (the engine keeps its records there).
+
+    ``nonfinite`` marks the samples whose input held NaN or Inf (found in ``x``). The adapter steps on
+    them replaced by finite values (:func:`~streamtta.adapters.masks.sanitize_batch`) and never learns
+    from them; their predictions are meaningless, so such a sample is always in ``ood_flags`` and never in
+    ``keep`` -- also when a re-processing assigns new flags.
+
+    >>> from streamtta.types import StepOutput
+    >>> x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])
+    >>> out = StepOutput(logits=torch.zeros(2, 3), features=torch.zeros(2, 4),
+    ...                  update_mask=torch.zeros(2, dtype=torch.bool))
+    >>> r = BatchResult(0, x, out, ood_scores=np.zeros(2), ood_flags=np.zeros(2, bool), keep=np.ones(2, bool),
+    ...                 classes=np.arange(3))
+    >>> r.nonfinite.tolist(), r.ood_flags.tolist(), r.keep.tolist()
+    ([False, True], [False, True], [True, False])
+    >>> r.ood_flags = np.zeros(2, bool); r.ood_flags.tolist()
+    [False, True]
     """
 
     batch_index: int
@@ -44,6 +60,24 @@ class BatchResult:
     #: ``time.perf_counter()`` when the batch arrived (latency) and when it was processed (hold timeout)
     received_at: float = field(default_factory=time.perf_counter)
     done_at: float = field(default_factory=time.perf_counter)
+    #: per sample: the input held NaN/Inf (derived from ``x``)
+    nonfinite: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n, x = len(self.ood_scores), self.x
+        bad = np.zeros(n, bool)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1 and x.shape[0] == n and n:
+            bad = ~torch.isfinite(x.detach().reshape(n, -1)).all(dim=1).cpu().numpy()
+        object.__setattr__(self, "nonfinite", bad)
+        if bad.any():
+            self.ood_flags, self.keep = self.ood_flags, self.keep  # applies the rule in __setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        bad = self.__dict__.get("nonfinite")
+        if name in ("ood_flags", "keep") and bad is not None and bad.any():
+            v = np.asarray(value, dtype=bool)
+            value = v | bad if name == "ood_flags" else v & ~bad
+        object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return len(self.ood_scores)

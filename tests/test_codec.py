@@ -185,12 +185,12 @@ def test_decode_rejects_disallowed_dtype():
 
 
 @pytest.mark.parametrize("header, match", [
-    ({"dtype": "float32", "shape": [1]}, "non-empty string 'stream_id'"),
+    ({"dtype": "float32", "shape": [1]}, "stream_id must be a non-empty string"),
     ({"stream_id": "s", "shape": [1]}, "string 'dtype'"),
     ({"stream_id": "s", "dtype": "float32"}, "'shape' must be a list"),
     ({"stream_id": "s", "dtype": "float32", "shape": [-1]}, "'shape' must be a list"),
     ({"stream_id": "s", "dtype": "float32", "shape": [1.5]}, "'shape' must be a list"),
-    ({"stream_id": "s", "dtype": "float32", "shape": [1] * 9}, "at most 8"),
+    ({"stream_id": "s", "dtype": "float32", "shape": [1] * 9}, "1 to 8"),
     ({"stream_id": "s", "dtype": "float32", "shape": [0, 3]}, "has no elements"),
     ({"stream_id": "s", "dtype": "float32", "shape": [1], "label": "cat"}, "'label' must be an int"),
     ({"stream_id": "s", "dtype": "float32", "shape": [1], "label": True}, "'label' must be an int"),
@@ -206,7 +206,7 @@ def test_decode_rejects_bad_header_fields(header, match):
 def test_decode_rejects_non_json_header():
     h = b"\xff\xfe not json"
     raw = struct.pack("<4sBI", MAGIC, 1, len(h)) + h + b"\0" * 4
-    with pytest.raises(DecodeError, match="header is not valid UTF-8 JSON"):
+    with pytest.raises(DecodeError, match="header is not valid UTF-8"):
         decode_value(raw)
     h = b"[1, 2]"
     raw = struct.pack("<4sBI", MAGIC, 1, len(h)) + h
@@ -252,12 +252,12 @@ def test_decode_rejects_oversized_value_and_header():
     (b'{"stream_id": "s", "features": []}', "no features"),
     (b'{"stream_id": "s", "features": 3}', "'features' as a list or an object"),
     (b'{"stream_id": "s"}', "'features' as a list or an object"),
-    (b'{"features": [1]}', "non-empty string 'stream_id'"),
-    (b'{"stream_id": "s", "features": [NaN]}', "non-finite values"),
+    (b'{"features": [1]}', "stream_id must be a non-empty string"),
+    (b'{"stream_id": "s", "features": [NaN]}', "JSON constant NaN is not allowed"),
     (b'{"stream_id": "s", "features": [1], "schema_version": 9}', "unsupported JSON row schema_version 9"),
     (b'{"stream_id": "s", "features": [1], "colour": 1}', r"unknown key\(s\) \['colour'\]"),
     (b'{"stream_id": "s", "features": [1], "event_time": "noon"}', "'event_time' must be a finite number"),
-    (b'{"stream_id": "s", "features": [1]', "not valid UTF-8 JSON"),
+    (b'{"stream_id": "s", "features": [1]', "JSON row is not valid JSON"),
 ])
 def test_decode_rejects_bad_json_rows(value, match):
     with pytest.raises(DecodeError, match=match):
@@ -275,3 +275,58 @@ def test_decode_limits_validation():
                           (dict(feature_names=("a", "a")), "feature_names")]:
         with pytest.raises(ValueError, match=match):
             DecodeLimits(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded decoding (the full poison corpus runs in tests/faults/test_poison.py)
+# ---------------------------------------------------------------------------------------------
+def test_brackets_and_quotes_inside_strings_do_not_count_as_nesting():
+    meta = {"note": "[" * 500 + '\\"{{{' + "{" * 500, "k": ["]", '"[']}
+    value = encode_json_row([1.0, 2.0], "s[0]", meta=meta)
+    assert decode_value(value, DecodeLimits(max_depth=3)).meta == meta
+    env = encode_tensor(np.ones(2, np.float32), "s{", meta={"a": "[[[[" * 100})
+    assert decode_value(env, DecodeLimits(max_depth=2)).stream_id == "s{"
+
+
+@pytest.mark.parametrize("limits, value, match", [
+    (DecodeLimits(max_depth=3), b'{"stream_id": "s", "features": [1], "meta": {"a": [[1]]}}',
+     "depth 4 exceeds max_depth=3"),
+    (DecodeLimits(max_int_digits=3), b'{"stream_id": "s", "features": [1000]}', "4 digits exceeds max_int_digits=3"),
+    (DecodeLimits(max_int_digits=3), b'{"stream_id": "s", "features": [-999]}', None),
+    (DecodeLimits(max_string_chars=4), b'{"stream_id": "s", "features": [1], "domain": "fives"}', "5 chars"),
+    (DecodeLimits(max_stream_id_chars=3), b'{"stream_id": "four", "features": [1]}', "max_stream_id_chars=3"),
+    (DecodeLimits(max_meta_items=2), b'{"stream_id": "s", "features": [1], "meta": {"a": 1, "b": 2}}',
+     "max_meta_items=2"),
+    (DecodeLimits(max_meta_items=4), b'{"stream_id": "s", "features": [1], "meta": {"a": 1, "b": 2}}', None),
+])
+def test_each_limit_is_configurable(limits, value, match):
+    if match is None:
+        assert decode_value(value, limits).stream_id == "s"
+    else:
+        with pytest.raises(DecodeError, match=match):
+            decode_value(value, limits)
+
+
+@pytest.mark.parametrize("name", ["max_depth", "max_int_digits", "max_string_chars", "max_stream_id_chars",
+                                  "max_meta_items", "max_header_bytes"])
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5])
+def test_limits_must_be_positive_ints(name, bad):
+    with pytest.raises(ValueError, match=f"DecodeLimits.{name} must be a positive int"):
+        DecodeLimits(**{name: bad})
+
+
+@pytest.mark.parametrize("sid, match", [("x" * 257, "max_stream_id_chars=256"), ("bad\ud800", "lone surrogate"),
+                                        ("tab\there", "control characters"), ("", "non-empty string")])
+def test_encoders_refuse_stream_ids_readers_would_reject(sid, match):
+    with pytest.raises(ValueError, match=match):
+        encode_tensor(np.ones(2, np.float32), sid)
+    with pytest.raises(ValueError, match=match):
+        encode_json_row([1.0], sid)
+    assert decode_value(encode_tensor(np.ones(2, np.float32), "x" * 256)).stream_id == "x" * 256
+
+
+def test_encoders_refuse_scalars_and_labels_beyond_int64():
+    with pytest.raises(ValueError, match="0-d tensor"):
+        encode_tensor(np.float32(1.0), "s")
+    with pytest.raises(ValueError, match="does not fit in an int64"):
+        encode_tensor(np.ones(2, np.float32), "s", label=2**63)

@@ -7,13 +7,17 @@ from streamtta.adapters.base import Gate
 
 
 def sanitize_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Check a ``(B, ...)`` batch and zero every non-finite sample (one would poison the batch
-    statistics for everybody). Returns the batch and the per-sample finite-input mask (None when
-    every sample is finite).
+    """Check a ``(B, ...)`` batch and replace every sample holding NaN/Inf (one would poison the batch
+    statistics for everybody) by the mean of the batch's finite samples (zeros when none is finite), so
+    it barely moves the statistics the other samples are normalised with. Returns the batch and the
+    per-sample finite-input mask (None when every sample is finite). The caller keeps such samples out
+    of every update (:func:`admission_mask`); :class:`~streamtta.results.BatchResult` flags them.
 
-    >>> x, finite = sanitize_batch(torch.tensor([[1.0, 2.0], [float("nan"), 3.0]]))
+    >>> x, finite = sanitize_batch(torch.tensor([[1.0, 2.0], [float("nan"), 3.0], [3.0, float("inf")]]))
     >>> x.tolist(), finite.tolist()
-    ([[1.0, 2.0], [0.0, 0.0]], [True, False])
+    ([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]], [True, False, False])
+    >>> sanitize_batch(torch.tensor([[float("nan")]]))[0].tolist()
+    [[0.0]]
     >>> sanitize_batch(torch.ones(3, 2))[1] is None
     True
     """
@@ -23,7 +27,8 @@ def sanitize_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     finite_in = torch.isfinite(x.reshape(B, -1)).all(dim=1) if x.is_floating_point() else None
     if finite_in is None or bool(finite_in.all()):
         return x, None
-    x = torch.where(finite_in.view((B,) + (1,) * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype))
+    fill = x[finite_in].mean(dim=0) if bool(finite_in.any()) else torch.zeros(x.shape[1:], dtype=x.dtype)
+    x = torch.where(finite_in.view((B,) + (1,) * (x.dim() - 1)), x, fill.to(x.device).unsqueeze(0))
     return x, finite_in
 
 

@@ -23,6 +23,7 @@ class AlertKind(str, Enum):
     collapse_guard = "collapse_guard"
     dead_letter = "dead_letter"
     state_rejected = "state_rejected"
+    topic_changed = "topic_changed"
 
 
 class Severity(str, Enum):

@@ -8,7 +8,9 @@ Precedence, lowest to highest: built-in defaults < TOML file (``--config``) < en
 * :mod:`~streamtta.config.loader` -- :func:`load_config` (pydantic-settings sources built per call);
 * :mod:`~streamtta.config.overrides` -- ``--set`` parsing and nested-dict helpers;
 * :mod:`~streamtta.config.reference` -- the README's configuration reference table;
-* :mod:`~streamtta.config.errors` -- :class:`ConfigError` and validation-error formatting.
+* :mod:`~streamtta.config.errors` -- :class:`ConfigError` and validation-error formatting;
+* :mod:`~streamtta.config.secrets` -- :func:`redact` secrets in what is written or logged (the
+  :class:`Config` keeps the real values).
 
 Every model forbids unknown keys, so a typo fails fast with the field's dotted name and its source:
 
@@ -41,6 +43,7 @@ from streamtta.config.models import (
 )
 from streamtta.config.overrides import deep_merge, parse_set_option, set_nested
 from streamtta.config.reference import reference_markdown
+from streamtta.config.secrets import install_redaction, redact, redacted_config, secret_values
 
 __all__ = [
     "AdapterConfig",
@@ -57,9 +60,13 @@ __all__ = [
     "Section",
     "_format_errors",
     "deep_merge",
+    "install_redaction",
     "load_config",
     "parse_set_option",
     "read_toml",
+    "redact",
+    "redacted_config",
     "reference_markdown",
+    "secret_values",
     "set_nested",
 ]

@@ -8,6 +8,10 @@ import tomllib
 from streamtta.config.errors import ConfigError
 
 
+#: ``kafka`` fields holding librdkafka settings, whose names contain dots.
+_LIBRDKAFKA_DICTS = ("security", "consumer", "producer")
+
+
 def parse_set_option(items: list[str]) -> dict[str, Any]:
     """Turn ``["engine.batch_size=32", "adapter.options.lr=1e-4"]`` into a nested dict.
 
@@ -15,6 +19,12 @@ def parse_set_option(items: list[str]) -> dict[str, Any]:
 
     >>> parse_set_option(["engine.batch_size=32", "kafka.topic=images"])
     {'engine': {'batch_size': 32}, 'kafka': {'topic': 'images'}}
+
+    Under ``kafka.security``, ``kafka.consumer`` and ``kafka.producer`` the rest of the key is one
+    librdkafka setting (those names hold dots):
+
+    >>> parse_set_option(["kafka.security.sasl.mechanism=PLAIN"])
+    {'kafka': {'security': {'sasl.mechanism': 'PLAIN'}}}
     """
     out: dict[str, Any] = {}
     for item in items:
@@ -22,6 +32,8 @@ def parse_set_option(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
+        if len(parts) > 3 and parts[0] == "kafka" and parts[1] in _LIBRDKAFKA_DICTS:
+            parts = parts[:2] + [".".join(parts[2:])]
         if len(parts) < 2:
             raise ConfigError(f"--set key must be dotted like 'engine.batch_size', got {key!r}")
         try:

@@ -46,7 +46,7 @@ def _ood_summary(log: "RunLog", labels: np.ndarray, unk: np.ndarray, tpr: float)
     """OOD metrics in percent, over the samples with ground truth (``is_unknown`` given, or a label)."""
     n = log.n_samples
     scores = log.ood_scores()
-    truth = np.asarray([v is not None for b in log.batches for v in b.is_unknown], dtype=bool)
+    truth = log.sample_column("has_truth")
     truth = (truth | (labels >= 0)) if truth.size == n else (labels >= 0)
     if n and scores.size == n and truth.any():
         ood = ood_metrics(scores[truth], unk[truth], tpr)
@@ -85,11 +85,11 @@ def _shift_summary(log: "RunLog", kinds: set[str], alert_pos: list[tuple[int, st
     One detection per batch that emitted a shift alert or recorded a shift kind in ``BatchRecord.shift``.
     """
     n = log.n_samples
-    sizes = [len(b.preds) for b in log.batches]
+    sizes = log.batch_column("size").tolist()
     cps = [int(c) for c in log.change_points] if log.change_points else change_points_from_domains(log.domains())
     cps = sorted({c for c in cps if 0 < c < n})
     det_batches = {p for p, _ in alert_pos}
-    det_batches |= {i for i, b in enumerate(log.batches) if b.shift and str(b.shift) in kinds}
+    det_batches |= {i for i, sh in enumerate(log.batch_column("shift")) if sh and str(sh) in kinds}
     ends = np.cumsum(sizes) - 1 if sizes else np.zeros(0, np.int64)
     dets = sorted(int(ends[p]) for p in det_batches)
     shift = match_detections(cps, dets, n_samples=n, horizon=horizon, batch_sizes=sizes)
@@ -127,22 +127,22 @@ def _activity_metrics(log: "RunLog", flags: np.ndarray, n_shift_alerts: int) -> 
     n = log.n_samples
     ent = log.entropy()
     ent = ent[np.isfinite(ent)] if ent.size else ent
-    upd = np.asarray([bool(v) for b in log.batches for v in b.updated], dtype=bool)
+    upd = log.sample_column("updated")
     return {
         "ood_rate": _pct(float(flags.mean())) if flags.size and flags.size == n else None,
         "update_rate": _pct(float(upd.mean())) if upd.size and upd.size == n else None,
         "mean_entropy": float(ent.mean()) if ent.size else None,
         "n_alerts": len(log.alerts),
         "n_shift_alerts": n_shift_alerts,
-        "n_resets": sum(1 for b in log.batches if b.reset),
+        "n_resets": int(log.batch_column("reset").sum()),
         "dead_letters": int(log.dead_letters),
     }
 
 
 def _speed_metrics(log: "RunLog") -> dict[str, Any]:
     """Throughput, latency and step-time percentiles (ms), wall time and peak RSS."""
-    lat = latency_percentiles([b.latency_s for b in log.batches])
-    stp = latency_percentiles([b.step_s for b in log.batches])
+    lat = latency_percentiles(log.batch_column("latency_s").tolist())
+    stp = latency_percentiles(log.batch_column("step_s").tolist())
     return {
         "samples_per_s": throughput(log.n_samples, log.wall_s),
         "latency_p50_ms": lat["p50"],

@@ -28,14 +28,14 @@ def batch_series(log: "RunLog", *, known_classes: set[int] | None = None) -> dic
     """Per-batch series: ``acc`` (percent over known labelled samples, NaN if none), ``entropy`` (mean),
     ``ood_rate`` (percent flagged), ``ood_score`` (mean), ``update_rate`` (percent used in the update),
     ``n`` (batch size), ``end`` (last sample index of the batch)."""
-    sizes = np.asarray([len(b.preds) for b in log.batches], dtype=np.int64)
+    sizes = log.batch_column("size")
     n_b = len(sizes)
     unk = _unknown_mask(log, known_classes)
     preds, labels = log.preds(), log.labels()
     known = (labels >= 0) & ~unk
     correct = (preds == labels) & known
     ent, sc, fl = log.entropy(), log.ood_scores(), log.ood_flags().astype(np.float64)
-    upd = np.asarray([bool(v) for b in log.batches for v in b.updated], dtype=np.float64)
+    upd = log.sample_column("updated").astype(np.float64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if n_b else np.zeros(0, np.int64)
 
     def seg_mean(v: np.ndarray) -> np.ndarray:
@@ -76,7 +76,10 @@ def alert_batches(log: "RunLog", kinds: Iterable[str] | None = None) -> list[tup
     dropped.
     """
     kinds_set = None if kinds is None else _kind_names(kinds)
-    pos_of = {b.index: i for i, b in enumerate(log.batches)}
+    # batch columns (one pass over a spooled log's file), then array tests per alert
+    firsts, lasts, index = (log.batch_column(c) for c in ("first_offset", "last_offset", "index"))
+    topic_arr, part_arr = log.batch_column("topic"), log.batch_column("partition")
+    pos_of = {bi_: i for i, bi_ in enumerate(index.tolist())}
     out: list[tuple[int, str]] = []
     for a in log.alerts:
         kind = str(getattr(a.get("kind"), "value", a.get("kind")))
@@ -87,12 +90,16 @@ def alert_batches(log: "RunLog", kinds: Iterable[str] | None = None) -> list[tup
         off = a.get("offsets") or {}
         cands: list[int] = []
         if off.get("last") is not None:
-            cands = [i for i, b in enumerate(log.batches)
-                     if b.topic == off.get("topic", b.topic) and b.partition == off.get("partition", b.partition)
-                     and b.first_offset <= off["last"] <= b.last_offset]
+            last = int(off["last"])
+            hit = (firsts <= last) & (last <= lasts)
+            if "topic" in off:
+                hit &= topic_arr == off["topic"]
+            if "partition" in off:
+                hit &= part_arr == off["partition"]
+            cands = np.flatnonzero(hit).tolist()
         pos: int | None = None
         if cands:
-            pos = next((i for i in cands if log.batches[i].index == bi), cands[0])
+            pos = next((i for i in cands if index[i] == bi), cands[0])
         elif bi is not None and bi in pos_of:
             pos = pos_of[bi]
         if pos is not None:

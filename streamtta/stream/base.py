@@ -2,6 +2,7 @@
 simulations run through exactly the same engine code path as live Kafka."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from streamtta.types import RawRecord
@@ -42,3 +43,15 @@ class DeadLetter(Protocol):
     def send(self, record: RawRecord, error: str) -> None: ...
 
     def flush(self, timeout: float = 30.0) -> None: ...
+
+
+@dataclass
+class Outputs:
+    """Where the engine writes: predictions (None = not written), alert sinks, and the dead-letter queue."""
+
+    predictions: Sink | None
+    alerts: list[Sink]
+    dlq: DeadLetter
+
+    def all(self) -> list[Any]:
+        return [s for s in [self.predictions, *self.alerts, self.dlq] if s is not None]

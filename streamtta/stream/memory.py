@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from streamtta.stream import _json
 from streamtta.stream.base import TopicPartition
+from streamtta.stream.dlq import DEFAULT_MAX_VALUE_BYTES, DeadLetterMessage, dead_letter_message
 from streamtta.types import RawRecord, Sample
 
 __all__ = ["MemorySource", "MemorySink", "JsonlSink", "MemoryDeadLetter", "SimulatedCrash"]
@@ -74,6 +75,7 @@ class MemorySource:
         self._paused = False
         self._closed = False
         self._assigned: list[TopicPartition] = []
+        self._ends: dict[TopicPartition, int] | None = None
         self._assign_cbs: list[Callable[[list[TopicPartition]], Any]] = []
         self._revoke_cbs: list[Callable[[list[TopicPartition]], Any]] = []
 
@@ -109,6 +111,17 @@ class MemorySource:
                 return None
             if r.offset >= self.start_offsets.get((r.topic, r.partition), 0):
                 return r
+
+    def end_offset(self, tp: TopicPartition) -> int | None:
+        """Where partition ``tp`` ends (last offset + 1) for a list source, ``None`` for an iterator."""
+        if self.records is None:
+            return None
+        if self._ends is None:
+            self._ends = {}
+            for r in self.records:
+                key = (r.topic, r.partition)
+                self._ends[key] = max(self._ends.get(key, 0), r.offset + 1)
+        return self._ends.get(tp, 0)
 
     # -- Source protocol -----------------------------------------------------------------------
     def consume(self, max_records: int, timeout: float) -> list[RawRecord]:
@@ -248,13 +261,28 @@ class JsonlSink:
 
 
 class MemoryDeadLetter:
-    """:class:`~streamtta.stream.base.DeadLetter` keeping ``(record, error)`` pairs in :attr:`records`."""
+    """:class:`~streamtta.stream.base.DeadLetter` keeping ``(record, error)`` pairs in :attr:`records` and,
+    in :attr:`messages`, each dead letter as :class:`~streamtta.stream.kafka.KafkaDeadLetter` would publish
+    it (original cut to ``max_value_bytes``, ``dlq.*`` headers; see :mod:`streamtta.stream.dlq`).
 
-    def __init__(self) -> None:
+    >>> dlq = MemoryDeadLetter(max_value_bytes=4)
+    >>> dlq.send(RawRecord(topic="t", partition=0, offset=3, value=b"0123456789"), "too long")
+    >>> m = dlq.messages[0]
+    >>> m.value, m.header("dlq.size"), m.header("dlq.error"), dlq.truncated
+    (b'0123', b'10', b'too long', 1)
+    """
+
+    def __init__(self, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+        self.max_value_bytes = max_value_bytes
         self.records: list[tuple[RawRecord, str]] = []
+        self.messages: list[DeadLetterMessage] = []
+        self.truncated = 0
 
     def send(self, record: RawRecord, error: str) -> None:
+        msg = dead_letter_message(record, error, max_value_bytes=self.max_value_bytes)
         self.records.append((record, error))
+        self.messages.append(msg)
+        self.truncated += msg.truncated
 
     def flush(self, timeout: float = 30.0) -> None:
         pass

@@ -30,15 +30,19 @@ Unknown keys are rejected (a new field means a new schema version).
 else by sorted key. Optional keys as in the envelope header, plus ``schema_version`` (default 1).
 
 Decoding validates everything a poison record could break (magic, schema version, dtype, shape vs byte
-count, expected shape, size limit, NaN/Inf) and raises :class:`DecodeError` (a ``ValueError``) whose
-message names the problem; the engine sends such records to the dead-letter topic.
+count, expected shape, size limit, NaN/Inf) and is bounded in what it parses: JSON nesting depth (checked
+before parsing), integer digits, float range, string lengths, ``meta`` size, UTF-8 everywhere, and a stream
+id of 1 to 256 printable characters (limits and defaults on :class:`DecodeLimits`). Every failure raises
+:class:`DecodeError` (a ``ValueError``) whose message names the problem -- never ``RecursionError``,
+``OverflowError`` or ``UnicodeError``; the engine sends such records to the dead-letter topic.
 
 The package is split by concept; everything is importable from here:
 
 * :mod:`~streamtta.stream.envelope.tensor` -- the binary tensor envelope;
 * :mod:`~streamtta.stream.envelope.rows` -- JSON rows;
 * :mod:`~streamtta.stream.envelope.fields` -- the sample fields both formats share;
-* :mod:`~streamtta.stream.envelope.limits` -- :class:`DecodeLimits`, :class:`DecodeError` and the shared checks.
+* :mod:`~streamtta.stream.envelope.limits` -- :class:`DecodeLimits`, :class:`DecodeError` and the shared checks;
+* :mod:`~streamtta.stream.envelope.bounded_json` -- JSON parsing within the limits (depth, numbers, strings).
 
 >>> import numpy as np
 >>> value = encode_tensor(np.ones((1, 4, 4), np.float32), "cam-1", label=3, domain="clean")

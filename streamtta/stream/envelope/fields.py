@@ -1,27 +1,60 @@
-"""The sample fields both codecs carry besides the tensor: ``stream_id`` and the optional ``label``,
-``event_time``, ``domain``, ``is_unknown`` and ``meta``; checked when encoding and when decoding."""
+r"""The sample fields both codecs carry besides the tensor: ``stream_id`` and the optional ``label``,
+``event_time``, ``domain``, ``is_unknown`` and ``meta``; checked when encoding and when decoding.
+
+A stream id is 1 to :attr:`~DecodeLimits.max_stream_id_chars` printable characters that encode to UTF-8
+(it becomes a record key, a state key and part of file names); a label fits in an int64.
+
+>>> stream_id_problem("cam-1", DEFAULT_LIMITS) is None
+True
+>>> stream_id_problem("bad\ud800", DEFAULT_LIMITS)
+"stream_id 'bad\\ud800' is not encodable as UTF-8 (lone surrogate)"
+>>> stream_id_problem("a\nb", DEFAULT_LIMITS)
+"stream_id 'a\\nb' holds control characters"
+"""
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from streamtta.stream import _json
-from streamtta.stream.envelope.limits import DecodeError
+from streamtta.stream.envelope.bounded_json import short
+from streamtta.stream.envelope.limits import DEFAULT_LIMITS, DecodeError, DecodeLimits
 
-__all__ = ["optional_fields", "common_fields"]
+__all__ = ["optional_fields", "common_fields", "stream_id_problem"]
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def stream_id_problem(sid: Any, limits: DecodeLimits) -> str | None:
+    """Why ``sid`` is not a valid stream id, or None when it is."""
+    if not isinstance(sid, str) or not sid:
+        return f"stream_id must be a non-empty string, got {short(sid)}"
+    if len(sid) > limits.max_stream_id_chars:
+        return f"stream_id is {len(sid)} chars, above max_stream_id_chars={limits.max_stream_id_chars}"
+    if _SURROGATE.search(sid):
+        return f"stream_id {short(sid)} is not encodable as UTF-8 (lone surrogate)"
+    if _CONTROL.search(sid):
+        return f"stream_id {short(sid)} holds control characters"
+    return None
 
 
 def optional_fields(stream_id: str, label: Any, event_time: Any, domain: Any, is_unknown: Any,
                      meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    if not isinstance(stream_id, str) or not stream_id:
-        raise ValueError(f"stream_id must be a non-empty str, got {stream_id!r}")
+    problem = stream_id_problem(stream_id, DEFAULT_LIMITS)
+    if problem is not None:
+        raise ValueError(problem)
     out: dict[str, Any] = {"stream_id": stream_id}
     if label is not None:
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
             raise ValueError(f"label must be an int or None, got {label!r}")
+        if not _INT64[0] <= int(label) <= _INT64[1]:
+            raise ValueError(f"label {label} does not fit in an int64")
         out["label"] = int(label)
     if event_time is not None:
         t = float(event_time)
@@ -46,24 +79,27 @@ def optional_fields(stream_id: str, label: Any, event_time: Any, domain: Any, is
     return out
 
 
-def common_fields(doc: dict[str, Any], where: str) -> dict[str, Any]:
+def common_fields(doc: dict[str, Any], where: str, limits: DecodeLimits) -> dict[str, Any]:
+    """The shared fields of a parsed header / row, validated (strings were bounded by the parser)."""
     sid = doc.get("stream_id")
-    if not isinstance(sid, str) or not sid:
-        raise DecodeError(f"{where} needs a non-empty string 'stream_id', got {sid!r}")
+    problem = stream_id_problem(sid, limits)
+    if problem is not None:
+        raise DecodeError(f"{where}: {problem}")
     label = doc.get("label")
-    if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-        raise DecodeError(f"stream {sid!r}: 'label' must be an int or null, got {label!r}")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int)
+                              or not _INT64[0] <= label <= _INT64[1]):
+        raise DecodeError(f"stream {sid!r}: 'label' must be an int64 or null, got {short(label)}")
     et = doc.get("event_time")
     if et is not None:
         if isinstance(et, bool) or not isinstance(et, (int, float)) or not math.isfinite(et):
-            raise DecodeError(f"stream {sid!r}: 'event_time' must be a finite number or null, got {et!r}")
+            raise DecodeError(f"stream {sid!r}: 'event_time' must be a finite number or null, got {short(et)}")
         et = float(et)
     domain = doc.get("domain")
     if domain is not None and not isinstance(domain, str):
-        raise DecodeError(f"stream {sid!r}: 'domain' must be a string or null, got {domain!r}")
+        raise DecodeError(f"stream {sid!r}: 'domain' must be a string or null, got {short(domain)}")
     unk = doc.get("is_unknown")
     if unk is not None and not isinstance(unk, bool):
-        raise DecodeError(f"stream {sid!r}: 'is_unknown' must be a bool or null, got {unk!r}")
+        raise DecodeError(f"stream {sid!r}: 'is_unknown' must be a bool or null, got {short(unk)}")
     meta = doc.get("meta")
     if meta is None:
         meta = {}

@@ -43,7 +43,20 @@ class DecodeLimits:
     feature_names
         Feature order for JSON rows whose ``features`` is an object.
     max_header_bytes
-        Largest accepted envelope header.
+        Largest accepted envelope header. Default 64 KiB.
+    max_depth
+        Deepest JSON nesting accepted in a header or a row (``{"meta": {"a": [1]}}`` is 3 deep). Default 32;
+        checked before parsing, so a 200k-deep ``[[[...`` costs one pass over the bytes, never the stack.
+    max_int_digits
+        Longest JSON integer accepted, in digits. Default 20 (every int64 / uint64 fits); ``10**400`` is
+        rejected while parsing. Floats beyond the float64 range and ``NaN`` / ``Infinity`` are rejected too.
+    max_string_chars
+        Longest JSON string accepted anywhere (keys, ``domain``, ``dtype``, ``meta`` values). Default 1024.
+    max_stream_id_chars
+        Longest ``stream_id``. Default 256: a stream id may name a state, a checkpoint or a record key.
+        A stream id must also be printable (no control characters) and encode to UTF-8.
+    max_meta_items
+        Most JSON values (keys included, at any depth) in ``meta``. Default 256.
 
     >>> DecodeLimits(expected_shape=[1, 32, 32]).expected_shape
     (1, 32, 32)
@@ -60,12 +73,18 @@ class DecodeLimits:
     schema_versions: frozenset[int] = frozenset({SCHEMA_VERSION})
     feature_names: tuple[str, ...] | None = None
     max_header_bytes: int = 64 * 1024
+    max_depth: int = 32
+    max_int_digits: int = 20
+    max_string_chars: int = 1024
+    max_stream_id_chars: int = 256
+    max_meta_items: int = 256
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_bytes, int) or self.max_bytes <= 0:
-            raise ValueError(f"DecodeLimits.max_bytes must be a positive int, got {self.max_bytes!r}")
-        if not isinstance(self.max_header_bytes, int) or self.max_header_bytes <= 0:
-            raise ValueError(f"DecodeLimits.max_header_bytes must be a positive int, got {self.max_header_bytes!r}")
+        for name in ("max_bytes", "max_header_bytes", "max_depth", "max_int_digits", "max_string_chars",
+                     "max_stream_id_chars", "max_meta_items"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"DecodeLimits.{name} must be a positive int, got {v!r}")
         dtypes = frozenset(str(d) for d in self.allowed_dtypes)
         bad = sorted(dtypes - DEFAULT_DTYPES)
         if bad or not dtypes:
@@ -91,7 +110,6 @@ class DecodeLimits:
             object.__setattr__(self, "feature_names", names)
 
 
-
 #: The limits :func:`~streamtta.stream.envelope.decode_value` uses when given none.
 DEFAULT_LIMITS = DecodeLimits()
 
@@ -113,4 +131,4 @@ def check_finite(x: np.ndarray, limits: DecodeLimits, sid: str) -> None:
         n_nan = int(np.isnan(x).sum())
         n_inf = int(x.size - finite.sum()) - n_nan
         raise DecodeError(f"stream {sid!r}: tensor has non-finite values ({n_nan} NaN, {n_inf} Inf) and "
-                          f"allow_nonfinite=False")
+                          f"allow_nonfinite=False (values beyond the float32 range become Inf)")

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from streamtta.stream.envelope.bounded_json import check_strings, parse_json, short
 from streamtta.stream.envelope.fields import common_fields, optional_fields
 from streamtta.stream.envelope.limits import (
     SCHEMA_VERSION,
@@ -61,27 +62,25 @@ def _finite_float(v: Any, where: Any) -> float:
 
 def decode_json_row(value: bytes, limits: DecodeLimits) -> Sample:
     """Decode a JSON row value; :class:`DecodeError` naming the problem."""
-    try:
-        doc = json.loads(value.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise DecodeError(f"JSON row is not valid UTF-8 JSON: {e}") from e
+    doc = parse_json(value, limits, "JSON row")
     if not isinstance(doc, dict):
         raise DecodeError(f"JSON row must be an object, got {type(doc).__name__}")
     version = doc.get("schema_version", SCHEMA_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or version not in limits.schema_versions:
-        raise DecodeError(f"unsupported JSON row schema_version {version!r}; this reader supports "
+        raise DecodeError(f"unsupported JSON row schema_version {short(version)}; this reader supports "
                           f"{sorted(limits.schema_versions)}")
     unknown = sorted(set(doc) - _ROW_KEYS)
     if unknown:
-        raise DecodeError(f"JSON row has unknown key(s) {unknown}")
-    fields = common_fields(doc, "JSON row")
-    sid = fields["stream_id"]
+        raise DecodeError(f"JSON row has unknown key(s) {short(unknown)}")
     feats = doc.get("features")
+    check_strings(doc, limits, "JSON row", skip=("features",) if isinstance(feats, list) else ())
+    fields = common_fields(doc, "JSON row", limits)
+    sid = fields["stream_id"]
     if isinstance(feats, dict):
         if limits.feature_names is not None:
             missing = [k for k in limits.feature_names if k not in feats]
             if missing:
-                raise DecodeError(f"stream {sid!r}: JSON row lacks feature(s) {missing}")
+                raise DecodeError(f"stream {sid!r}: JSON row lacks feature(s) {short(missing)}")
             names: Iterable[str] = limits.feature_names
         else:
             names = sorted(feats)
@@ -95,8 +94,9 @@ def decode_json_row(value: bytes, limits: DecodeLimits) -> Sample:
         raise DecodeError(f"stream {sid!r}: JSON row has no features")
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
     if bad:
-        raise DecodeError(f"stream {sid!r}: features must be numbers, got {bad[:3]!r}")
-    x = np.asarray(values, dtype=np.float32)
+        raise DecodeError(f"stream {sid!r}: features must be numbers, got {short(bad[:3])}")
+    with np.errstate(over="ignore"):  # beyond the float32 range -> inf, rejected by check_finite
+        x = np.asarray(values, dtype=np.float64).astype(np.float32)
     check_shape(x.shape, limits, sid)
     check_finite(x, limits, sid)
     return Sample(x=x, **fields)

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from streamtta.stream.envelope.bounded_json import check_strings, parse_json, short
 from streamtta.stream.envelope.fields import common_fields, optional_fields
 from streamtta.stream.envelope.limits import (
     DEFAULT_DTYPES,
@@ -41,8 +42,8 @@ def encode_tensor(x: Any, stream_id: str, *, label: int | None = None, event_tim
     name = arr.dtype.name
     if name not in DEFAULT_DTYPES:
         raise ValueError(f"cannot encode dtype {name!r}; supported: {sorted(DEFAULT_DTYPES)}")
-    if arr.ndim > MAX_NDIM:
-        raise ValueError(f"cannot encode a {arr.ndim}-d tensor (at most {MAX_NDIM} dims)")
+    if not 1 <= arr.ndim <= MAX_NDIM:
+        raise ValueError(f"cannot encode a {arr.ndim}-d tensor (1 to {MAX_NDIM} dims)")
     if arr.size == 0:
         raise ValueError(f"cannot encode an empty tensor of shape {arr.shape}")
     header = optional_fields(stream_id, label, event_time, domain, is_unknown, meta)
@@ -68,29 +69,27 @@ def decode_tensor(value: bytes, limits: DecodeLimits) -> Sample:
     if start + hlen > n:
         raise DecodeError(f"truncated tensor envelope: header says {hlen} header bytes but only {n - start} "
                           f"bytes follow the prefix")
-    try:
-        header = json.loads(value[start:start + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise DecodeError(f"envelope header is not valid UTF-8 JSON: {e}") from e
+    header = parse_json(value[start:start + hlen], limits, "envelope header")
     if not isinstance(header, dict):
         raise DecodeError(f"envelope header must be a JSON object, got {type(header).__name__}")
     unknown = sorted(set(header) - _HEADER_KEYS)
     if unknown:
-        raise DecodeError(f"envelope header has unknown key(s) {unknown} for schema version {version}")
-    fields = common_fields(header, "envelope header")
+        raise DecodeError(f"envelope header has unknown key(s) {short(unknown)} for schema version {version}")
+    check_strings(header, limits, "envelope header")
+    fields = common_fields(header, "envelope header", limits)
     sid = fields["stream_id"]
 
     dtype_name = header.get("dtype")
     if not isinstance(dtype_name, str):
-        raise DecodeError(f"stream {sid!r}: envelope header needs a string 'dtype', got {dtype_name!r}")
+        raise DecodeError(f"stream {sid!r}: envelope header needs a string 'dtype', got {short(dtype_name)}")
     if dtype_name not in limits.allowed_dtypes:
-        raise DecodeError(f"stream {sid!r}: dtype {dtype_name!r} is not allowed; allowed: "
+        raise DecodeError(f"stream {sid!r}: dtype {short(dtype_name)} is not allowed; allowed: "
                           f"{sorted(limits.allowed_dtypes)}")
     shape_raw = header.get("shape")
-    if (not isinstance(shape_raw, list) or len(shape_raw) > MAX_NDIM
+    if (not isinstance(shape_raw, list) or not 1 <= len(shape_raw) <= MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_raw)):
-        raise DecodeError(f"stream {sid!r}: envelope 'shape' must be a list of at most {MAX_NDIM} non-negative "
-                          f"ints, got {shape_raw!r}")
+        raise DecodeError(f"stream {sid!r}: envelope 'shape' must be a list of 1 to {MAX_NDIM} non-negative "
+                          f"ints, got {short(shape_raw)}")
     shape = tuple(shape_raw)
     count = math.prod(shape)
     if count == 0:
