@@ -62,17 +62,30 @@ def from_plain(obj: Any) -> Any:
     return obj
 
 
-class CheckpointStore:
-    """One file per state key in ``directory``; file names are a sanitised prefix plus a hash of the key."""
+def _file_name(text: str, keep: int) -> str:
+    """A file-system-safe name for any string: a sanitised prefix plus a hash of the whole string."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:keep]
+    return f"{safe}-{hashlib.sha1(text.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
 
-    def __init__(self, directory: str | Path) -> None:
+
+class CheckpointStore:
+    """One file per state key in ``directory`` (in a sub-directory per ``namespace``, e.g. the consumer
+    group, when one is given); file names are a sanitised prefix plus a hash of the key.
+
+    >>> import tempfile
+    >>> a = CheckpointStore(tempfile.mkdtemp(), namespace="group-a")
+    >>> a.directory.name.startswith("group-a-"), a.path("t:0").name.startswith("t_0-")
+    (True, True)
+    """
+
+    def __init__(self, directory: str | Path, *, namespace: str | None = None) -> None:
         self.directory = Path(directory)
+        if namespace:
+            self.directory = self.directory / _file_name(namespace, 40)
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:80]
-        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        return self.directory / f"{safe}-{digest}.pt"
+        return self.directory / f"{_file_name(key, 80)}.pt"
 
     def save(self, key: str, state: dict[str, Any]) -> None:
         target = self.path(key)

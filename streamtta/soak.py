@@ -1,8 +1,8 @@
 """``streamtta bench --soak``: resident memory over a long live-like run, and with many stream ids.
 
 The engine runs over a generated stream (sensor rows of river's Segment data set, replayed in a loop,
-never materialised) with a checkpoint store, predictions counted but not kept, and no run log, i.e.
-what a live run keeps in memory. Every ``every`` records the resident set size (RSS, from
+never materialised) with a checkpoint store, predictions counted but not kept, and the run log spooled
+to disk (:class:`~streamtta.runlog.RunLog` with ``spool_dir``), i.e. what a live run keeps in memory. Every ``every`` records the resident set size (RSS, from
 ``/proc/self/statm``) is sampled. The report gives the RSS after warm-up (the first ``warmup`` share of
 the records), at the end and at its highest, and the growth after warm-up in percent.
 
@@ -70,11 +70,12 @@ def soak(*, records: int = 1_000_000, stream_ids: int = 1, max_states: int | Non
     from streamtta.config import load_config
     from streamtta.engine import Engine, Outputs
     from streamtta.models.registry import load_model
+    from streamtta.runlog import RunLog
     from streamtta.runner import build_pipeline, progress_bar
     from streamtta.stream.memory import MemoryDeadLetter, MemorySource
 
     torch.set_num_threads(1)
-    engine_cfg: dict[str, Any] = {"batch_size": batch_size, "record_log": False, "checkpoint_every": checkpoint_every,
+    engine_cfg: dict[str, Any] = {"batch_size": batch_size, "checkpoint_every": checkpoint_every,
                                   "state_key": "stream_id" if stream_ids > 1 else "partition"}
     if max_states is not None:
         engine_cfg["max_states"] = max_states
@@ -82,7 +83,7 @@ def soak(*, records: int = 1_000_000, stream_ids: int = 1, max_states: int | Non
     if spec is not None:
         overrides["adapter"] = {"spec": spec}
     with tempfile.TemporaryDirectory(prefix="streamtta-soak-") as tmp:
-        overrides["engine"]["checkpoint_dir"] = tmp
+        overrides["engine"]["checkpoint_dir"] = str(Path(tmp) / "checkpoints")
         cfg = load_config(overrides=overrides, env=False)
         model, meta = load_model("segment-mlp")
         template = build_pipeline(cfg, model, meta)
@@ -100,12 +101,14 @@ def soak(*, records: int = 1_000_000, stream_ids: int = 1, max_states: int | Non
                     samples.append((seen[0], rss_mb()))
                 advance(n)
 
+            runlog = RunLog(spool_dir=Path(tmp) / "runlog")
             engine = Engine(cfg, MemorySource(_records(records, stream_ids)), outputs, template,
-                            store=CheckpointStore(tmp), on_batch=on_batch)
+                            store=CheckpointStore(Path(tmp) / "checkpoints"), runlog=runlog, on_batch=on_batch)
             t0 = time.perf_counter()
             engine.run()
             wall = time.perf_counter() - t0
-        ckpt_mb = sum(p.stat().st_size for p in Path(tmp).glob("*.pt")) / 2**20
+            runlog.close()
+        ckpt_mb = sum(p.stat().st_size for p in (Path(tmp) / "checkpoints").glob("*.pt")) / 2**20
     after = [r for n, r in samples if n >= warmup * records] or [rss_mb()]
     return {"records": engine.records_seen, "predictions": sink.count, "stream_ids": stream_ids,
             "max_states": cfg.engine.max_states, "states_max": states_max[0], "evicted": engine.states.evicted,

@@ -6,8 +6,10 @@ bounded LRU table, checkpointed, restored on demand, and checked against the top
   from it when their key comes back. Between two checkpoints (``engine.checkpoint_every`` batches) the
   table can exceed the bound by the keys first seen in those batches. Without a checkpoint store nothing
   is evicted (an evicted state could not come back).
-* **Restored safely**: a checkpoint that cannot be loaded as plain data is moved aside and the stream
-  starts fresh, with a ``state_rejected`` alert.
+* **Restored safely**: a checkpoint that cannot be loaded as plain data, or that another model or
+  adapter/scorer/monitor configuration made (its :func:`~streamtta.fingerprint.fingerprint` differs), or
+  that does not fit this pipeline, is moved aside (``*.rejected``) and the stream starts fresh, with a
+  ``state_rejected`` alert: never a crash, never a silent skip.
 * **Topic incarnation**: a checkpoint records, per partition, the next offset it covers and the offset
   committed when it was saved. The first record of each partition after a restore checks them: a record
   *below* the committed offset (the group was reset, or the topic recreated and read from its start), or a
@@ -25,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 from streamtta.alerts import Alert, AlertKind, OffsetRange, Severity
 from streamtta.checkpoints import CheckpointError, CheckpointStore
+from streamtta.fingerprint import fingerprint
 from streamtta.pipeline import Pipeline
 from streamtta.records import state_rejected_alert
 from streamtta.stream.base import TopicPartition
@@ -45,10 +48,12 @@ class StreamState:
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     committed: dict[TopicPartition, int] = field(default_factory=dict)
     unchecked: dict[TopicPartition, list[dict[str, Any]]] = field(default_factory=dict)
+    fingerprint: str = ""
 
     def state_dict(self, held: list[dict[str, Any]]) -> dict[str, Any]:
         held = held + [d for docs in self.unchecked.values() for d in docs]  # restored, not written yet
-        return {"key": self.key, "pipeline": self.pipe.state_dict(), "held_predictions": held,
+        return {"key": self.key, "fingerprint": self.fingerprint, "pipeline": self.pipe.state_dict(),
+                "held_predictions": held,
                 "next_offsets": [[t, p, o] for (t, p), o in self.next_offsets.items()],
                 "committed_offsets": [[t, p, o] for (t, p), o in self.committed.items()]}
 
@@ -104,6 +109,8 @@ class StateTable:
         self.alert = alert
         self.end_offset = end_offset
         self.evicted = self.restored = 0
+        #: what made the states of this table (model weights + adapter/scorer/monitor configuration)
+        self.fingerprint = fingerprint(template.blueprint.model, template.cfg)
         self._states: OrderedDict[str, StreamState] = OrderedDict()
         self._warned = False
 
@@ -132,17 +139,25 @@ class StateTable:
         if st is not None:
             self._states.move_to_end(key)
             return st
-        st = StreamState(key, self.template.spawn())
+        st = StreamState(key, self.template.spawn(), fingerprint=self.fingerprint)
         try:
             saved = self.store.load(key) if self.store is not None else None
+            if saved is not None:
+                if saved.get("fingerprint") != self.fingerprint:
+                    raise CheckpointError(f"checkpoint {self.store.path(key)} was made by another model or "
+                                          f"adapter/scorer/monitor configuration (fingerprint "
+                                          f"{saved.get('fingerprint')!r}, this run {self.fingerprint!r})")
+                try:
+                    st.load_state_dict(saved)
+                except Exception as e:
+                    raise CheckpointError(f"checkpoint {self.store.path(key)} does not fit this pipeline: "
+                                          f"{type(e).__name__}: {str(e)[:300]}") from None
+                self.restored += 1
+                log.info("restored state %s at batch %d", key, st.pipe.batch_index)
         except CheckpointError as e:
             log.error("%s; moved aside to %s, stream %s starts fresh", e, self.store.reject(key), key)
             self.alert(state_rejected_alert(key, rec, str(e)))
-            saved = None
-        if saved is not None:
-            st.load_state_dict(saved)
-            self.restored += 1
-            log.info("restored state %s at batch %d", key, st.pipe.batch_index)
+            st = StreamState(key, self.template.spawn(), fingerprint=self.fingerprint)
         self._states[key] = st
         return st
 

@@ -61,9 +61,10 @@ def config_args(source, tmp_path, monkeypatch):
         lines.insert(3, f'"sasl.password" = "{PW}"')
     elif source == "env":
         monkeypatch.setenv("STREAMTTA_KAFKA__SECURITY__SASL.PASSWORD", PW)
-    else:
-        # a dotted librdkafka key is set as an inline table (parse_set_option splits the key on dots)
+    elif source == "set-table":
         args += ["--set", f'kafka.security={{"sasl.password"="{PW}"}}']
+    else:  # under kafka.security the rest of the key is one librdkafka setting
+        args += ["--set", f"kafka.security.sasl.password={PW}"]
     toml.write_text("\n".join(lines) + "\n")
     return args
 
@@ -73,7 +74,7 @@ def resolve(args):
     return cli.resolve_config(ns)
 
 
-SOURCES = ["set", "env", "toml"]
+SOURCES = ["set", "set-table", "env", "toml"]
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -109,8 +110,10 @@ def test_manifest_and_config_toml_hold_the_marker_never_the_secret(source, tmp_p
         assert sec["security.protocol"] == "SASL_SSL" and sec["sasl.mechanism"] == "PLAIN"  # settings kept
         assert conf["kafka"]["consumer"] == {"sasl.oauthbearer.client.secret": MARKER, "fetch.wait.max.ms": 7}
     assert manifest["seed"] == 3 and manifest["command"][:2] == ["streamtta", "run"]
-    if source == "set":
+    if source == "set-table":
         assert 'kafka.security={"sasl.password"="***"}' in manifest["command"]
+    if source == "set":
+        assert "kafka.security.sasl.password=***" in manifest["command"]
 
 
 @pytest.mark.parametrize("fmt", ["toml", "json"])

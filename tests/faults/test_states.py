@@ -122,3 +122,28 @@ def test_held_predictions_of_an_old_incarnation_are_dropped(template, tmp_path):
     assert offsets == list(range(30))  # the new records, once each; none of the old held ones
     changed = [a for a in out.alerts[0].values if a["kind"] == "topic_changed"]
     assert changed and changed[0]["evidence"]["dropped_held_predictions"] == n_held
+
+
+def test_a_checkpoint_of_another_adapter_or_model_starts_the_stream_fresh_with_an_alert(template, tmp_path):
+    cfg = make_cfg(tmp_path / "ck")
+    store = CheckpointStore(cfg.engine.checkpoint_dir)
+    run(cfg, template, rows(96), store)
+    other_cfg = make_cfg(tmp_path / "ck")
+    other_cfg.adapter.spec = "bn"  # another adapter: its state has other parts
+    other = build_pipeline(other_cfg, template.blueprint.model, template.blueprint.meta)
+    eng, src, out = run(other_cfg, other, rows(160), store)
+    # nothing skipped (the old offsets belong to the old state), nothing crashed, one alert
+    assert [d["offset"] for d in out.predictions.values] == list(range(160)) and eng.skipped == 0
+    rejected = [a for a in out.alerts[0].values if a["kind"] == "state_rejected"]
+    assert len(rejected) == 1 and "another model or adapter" in rejected[0]["evidence"]["error"]
+    assert list(store.directory.glob("*.rejected")) and eng.batch_index["t:0"] == 10
+    # the new run's checkpoint is the one restored next time (read again from offset 0: a group reset)
+    eng, _, out = run(other_cfg, other, rows(160), store)
+    assert eng.batch_index["t:0"] == 20 and not [a for a in out.alerts[0].values if a["kind"] == "state_rejected"]
+
+
+def test_checkpoints_are_kept_per_consumer_group(tmp_path):
+    a = CheckpointStore(tmp_path, namespace="group-a")
+    b = CheckpointStore(tmp_path, namespace="group-b")
+    a.save("t:0", {"n": 1})
+    assert a.load("t:0") == {"n": 1} and b.load("t:0") is None and a.directory != b.directory
