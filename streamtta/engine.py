@@ -276,9 +276,9 @@ class Engine:
         for r, _ in (item for st in self.states.values() for res in st.pipe.held for item in res.tag):
             if (r.topic, r.partition) in pend:
                 pend[(r.topic, r.partition)] = min(pend[(r.topic, r.partition)], r.offset)
-        for sink in self.outputs.all():
+        for sink in self.outputs.all():  # a broker outage may last up to kafka.connect_timeout_s
             point("flush")
-            sink.flush()
+            sink.flush(max(30.0, self.cfg.kafka.connect_timeout_s))
         if self.store is not None:
             for key in sorted(self._dirty):
                 if key in self.states:
@@ -290,8 +290,8 @@ class Engine:
                     point("checkpoint")
                     self.store.save(key, st.state_dict(held))
         point("commit")
-        self.source.commit(dict(self._pending_commit))
-        self._committed.update(self._pending_commit)
+        if self.source.commit(dict(self._pending_commit)) is not False:  # False: skipped (group moved on)
+            self._committed.update(self._pending_commit)
         self._pending_commit.clear()
         self._batches_since_ckpt = 0
         self._dirty.clear()

@@ -71,7 +71,8 @@ def soak(*, records: int = 1_000_000, stream_ids: int = 1, max_states: int | Non
     from streamtta.engine import Engine, Outputs
     from streamtta.models.registry import load_model
     from streamtta.runlog import RunLog
-    from streamtta.runner import build_pipeline, progress_bar
+    from streamtta.progress import progress_bar
+    from streamtta.runner import build_pipeline
     from streamtta.stream.memory import MemoryDeadLetter, MemorySource
 
     torch.set_num_threads(1)

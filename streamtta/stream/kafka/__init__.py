@@ -29,13 +29,14 @@ The package is split by concept; everything is importable from here:
 * :mod:`~streamtta.stream.kafka.settings` -- consumer/producer defaults and how overrides apply;
 * :mod:`~streamtta.stream.kafka.source` -- :class:`KafkaSource`;
 * :mod:`~streamtta.stream.kafka.sinks` -- :func:`make_producer`, :class:`KafkaSink`, :class:`KafkaDeadLetter`;
-* :mod:`~streamtta.stream.kafka.admin` -- :func:`ensure_topics`;
-* :mod:`~streamtta.stream.kafka.errors` -- :class:`CommitError`, :class:`DeliveryError`.
+* :mod:`~streamtta.stream.kafka.admin` -- :func:`wait_for_broker`, :func:`ensure_topics`, :func:`prepare_topics`;
+* :mod:`~streamtta.stream.kafka.errors` -- :class:`CommitError`, :class:`DeliveryError`,
+  :class:`BrokerUnavailable`, :class:`MissingTopicError`, :class:`ClientLog` (librdkafka log summariser).
 """
 from __future__ import annotations
 
-from streamtta.stream.kafka.admin import ensure_topics
-from streamtta.stream.kafka.errors import CommitError, DeliveryError
+from streamtta.stream.kafka.admin import ensure_topics, prepare_topics, wait_for_broker
+from streamtta.stream.kafka.errors import BrokerUnavailable, ClientLog, CommitError, DeliveryError, MissingTopicError
 from streamtta.stream.kafka.settings import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
 from streamtta.stream.kafka.sinks import (
     DLQ_HEADERS,
@@ -48,8 +49,13 @@ from streamtta.stream.kafka.source import KafkaSource, to_raw
 __all__ = [
     "CONSUMER_DEFAULTS",
     "PRODUCER_DEFAULTS",
+    "BrokerUnavailable",
+    "ClientLog",
     "CommitError",
     "DeliveryError",
+    "MissingTopicError",
+    "prepare_topics",
+    "wait_for_broker",
     "KafkaSource",
     "KafkaSink",
     "KafkaDeadLetter",

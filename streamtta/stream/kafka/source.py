@@ -5,13 +5,21 @@ See :mod:`streamtta.stream.kafka` for the guarantee and the consumer defaults.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KTP
 
 from streamtta.stream.base import TopicPartition
-from streamtta.stream.kafka.errors import CommitError
+from streamtta.stream.kafka.errors import (
+    ClientLog,
+    CommitError,
+    is_group_change,
+    is_transient,
+    quiet,
+)
 from streamtta.stream.kafka.settings import consumer_config
 from streamtta.types import RawRecord
 
@@ -39,6 +47,13 @@ class KafkaSource:
     stop_at_end
         Track partition EOF so that :meth:`at_end` turns True once every assigned partition has been
         read to its end (bounded replays).
+    retry_timeout_s
+        How long :meth:`commit` retries a commit that failed because the broker or the group
+        coordinator is away (a broker restart), with backoff, before it raises :class:`CommitError`.
+
+    librdkafka's log and error events go through a :class:`~streamtta.stream.kafka.errors.ClientLog`
+    (:attr:`client_log`): each kind once, repeats at DEBUG, unless ``overrides`` set their own
+    ``logger`` / ``error_cb``.
 
     Rebalance callbacks registered with :meth:`on_assign` / :meth:`on_revoke` / :meth:`on_lost` are
     called with ``[(topic, partition), ...]`` from inside :meth:`consume` (or :meth:`close`). Assigned
@@ -55,7 +70,8 @@ class KafkaSource:
     """
 
     def __init__(self, bootstrap_servers: str, topics: Iterable[str] | str, group_id: str, *,
-                 overrides: Mapping[str, Any] | None = None, stop_at_end: bool = False) -> None:
+                 overrides: Mapping[str, Any] | None = None, stop_at_end: bool = False,
+                 retry_timeout_s: float = 30.0) -> None:
         if isinstance(topics, str):
             topics = [topics]
         self.topics = list(topics)
@@ -66,7 +82,10 @@ class KafkaSource:
         self.bootstrap_servers = bootstrap_servers
         self.group_id = group_id
         self.stop_at_end = stop_at_end
-        conf = consumer_config(bootstrap_servers, group_id, overrides, stop_at_end=stop_at_end)
+        self.retry_timeout_s = float(retry_timeout_s)
+        self.client_log = ClientLog("consumer")
+        conf = quiet(consumer_config(bootstrap_servers, group_id, overrides, stop_at_end=stop_at_end),
+                     self.client_log)
         self.config = conf
         self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self._assign_cbs: list[RebalanceCallback] = []
@@ -105,15 +124,21 @@ class KafkaSource:
             out.append(to_raw(m))
         return out
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Synchronously commit next offsets ``{(topic, partition): last processed + 1}``.
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        """Synchronously commit next offsets ``{(topic, partition): last processed + 1}``; True once the
+        broker stored them, False when the commit was skipped (see below).
 
-        Raises :class:`CommitError` if the broker rejects any of them. While partitions are being
-        *lost* (session expired) commits are skipped with a warning: the group has already moved on, and
-        the new owner re-reads from the last committed offset (at-least-once).
+        A commit that fails because the broker or the group coordinator cannot be reached (transport
+        errors, coordinator not available, timeouts: a broker restart) is retried with backoff (0.1 s
+        doubling to 2 s) for up to ``retry_timeout_s``; then, or at once for any other error,
+        :class:`CommitError` is raised. A commit rejected because the group rebalanced without this
+        member (unknown member, illegal generation, rebalance in progress) is skipped with a warning:
+        the next owner re-reads from the last committed offset (at-least-once; the engine's checkpoint
+        skips what it already covered). While partitions are being *lost* (session expired) commits are
+        skipped with a warning for the same reason.
         """
         if not offsets:
-            return
+            return True
         if self._closed:
             raise CommitError("commit() after close()")
         tps = []
@@ -123,14 +148,37 @@ class KafkaSource:
             tps.append(KTP(topic, int(partition), int(off)))
         if self._in_lost:
             log.warning("skipping commit of %s: partitions were lost (session timeout)", _fmt(offsets))
-            return
-        try:
-            result = self._consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as e:
-            raise CommitError(f"commit of {_fmt(offsets)} failed: {e.args[0]}") from e
-        failed = [f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in (result or []) if tp.error is not None]
-        if failed:
-            raise CommitError(f"commit failed for {', '.join(failed)}")
+            return False
+        deadline = time.monotonic() + self.retry_timeout_s
+        pause, attempts = 0.1, 0
+        while True:
+            attempts += 1
+            try:
+                result = self._consumer.commit(offsets=tps, asynchronous=False)
+                errors = [(f"{tp.topic}[{tp.partition}]", tp.error) for tp in (result or []) if tp.error is not None]
+            except KafkaException as e:
+                errors = [(_fmt(offsets), e.args[0])]
+            if not errors:
+                if attempts > 1:
+                    log.warning("commit of %s succeeded after %d attempts", _fmt(offsets), attempts)
+                return True
+            codes = [err.code() for _, err in errors]
+            text = ", ".join(f"{where}: {err.str()}" for where, err in errors)
+            if any(is_group_change(c) for c in codes):
+                log.warning("commit of %s skipped: the group rebalanced without this member (%s); the "
+                            "partition's next owner re-reads from the last committed offset", _fmt(offsets), text)
+                return False
+            left = deadline - time.monotonic()
+            if not all(is_transient(c) for c in codes):
+                raise CommitError(f"commit failed for {text}")
+            if left <= 0:
+                raise CommitError(f"commit of {_fmt(offsets)} still failing after {attempts} attempts in "
+                                  f"{self.retry_timeout_s:g} s: {text}")
+            if attempts == 1:
+                log.warning("commit of %s failed (%s); retrying for up to %g s", _fmt(offsets), text,
+                            self.retry_timeout_s)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)
 
     def on_assign(self, cb: RebalanceCallback) -> None:
         """Register ``cb(partitions)`` called when partitions are assigned."""
@@ -197,6 +245,15 @@ class KafkaSource:
             return {}
         res = self._consumer.committed(parts, timeout=timeout)
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in res}
+
+    def end_offset(self, tp: TopicPartition) -> int | None:
+        """Where partition ``tp`` ends now (its high watermark) as the latest fetch response reported it;
+        ``None`` when no fetch has reported it yet (no broker round trip)."""
+        try:
+            _, hi = self._consumer.get_watermark_offsets(KTP(tp[0], int(tp[1])), cached=True)
+        except KafkaException:
+            return None
+        return int(hi) if hi is not None and hi >= 0 else None
 
     def lag(self, timeout: float = 5.0) -> dict[TopicPartition, int]:
         """Records behind the high watermark per assigned partition.
