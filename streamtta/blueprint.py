@@ -35,6 +35,19 @@ def limit_helper_threads() -> None:
         pass
 
 
+def _for_stream(scorer: Any) -> Any:
+    """A stream's copy of a fitted scorer: fixed source parts shared (read-only), online state its own."""
+    return scorer.for_stream() if hasattr(scorer, "for_stream") else copy.deepcopy(scorer)
+
+
+def _reseed(seed: int, cpu_state: torch.Tensor) -> None:
+    """The torch RNG as ``torch.manual_seed(seed)`` and building an adapter leave it (without re-seeding
+    the CPU generator, which is slow: its recorded state is set instead)."""
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+    torch.set_rng_state(cpu_state)
+
+
 @dataclass
 class Parts:
     """The per-stream components of one pipeline (each stream owns its own copies)."""
@@ -80,6 +93,8 @@ class Blueprint:
         self.input_shape: list[int] | None = list(meta.input_shape) if meta is not None else None
         self._train: tuple[Any, Any | None] | None = None
         self._source_fit: tuple[list[Any], float | None] | None = None
+        #: (classes, prototype adapter, RNG state after building it): see :meth:`new_adapter`
+        self._proto: tuple[tuple[int, ...], Any, torch.Tensor] | None = None
         #: copied for every stream; built here so that a bad readapt option fails now, not at the first stream
         self.base_readapter: Any | None = None
         if cfg.monitor.readapt:
@@ -105,14 +120,34 @@ class Blueprint:
     def new_adapter(self) -> Any:
         """A fresh adapter; class-statistics norms (cb-stats) start from the source class prior and
         guards that compare samples with the source (source-fallback) get their reference, once source
-        data are known."""
-        from streamtta.adapters import build_adapter
+        data are known.
+
+        The first call builds a prototype (and fits the source references on it); every adapter is a
+        :func:`~streamtta.adapters.state.stream_copy` of it: the model's fixed weights are shared, the
+        rest is the adapter's own, exactly as a newly built one (the torch RNG is left as building
+        one leaves it)."""
+        from streamtta.adapters.state import stream_copy
 
         if not self.classes:
             raise ValueError("the number of classes is unknown: set model.num_classes (or pass classes=) or "
                              "call fit_source / process first so that a probe forward can tell")
+        key = tuple(self.classes)
+        if self._proto is None or self._proto[0] != key:
+            adapter, rng = self._build_adapter()
+            self._proto = (key, adapter, rng)
+            return stream_copy(adapter)  # the RNG as the source-data pass left it
+        _reseed(self.cfg.engine.seed, self._proto[2])
+        return stream_copy(self._proto[1])
+
+    def _build_adapter(self) -> tuple[Any, torch.Tensor]:
+        """Build the prototype adapter (and fit the adapter's source references on it once); records the
+        RNG state that building one leaves (:meth:`new_adapter` restores it for the copies)."""
+        from streamtta.adapters import build_adapter
+        from streamtta.adapters.state import share_fixed
+
         torch.manual_seed(self.cfg.engine.seed)
         adapter = build_adapter(self.spec, self.model, self.num_classes, **self.cfg.adapter.options)
+        rng = torch.get_rng_state()
         if hasattr(adapter, "fit_source") and self._train is not None:
             # one source pass: cb-stats class prior and source-fallback's reference, cached for later adapters
             x, y = self._train
@@ -126,7 +161,7 @@ class Blueprint:
                 if with_prior:
                     adapter.set_class_prior(prior)
                 adapter.set_guard_reference(reference)
-        return adapter
+        return share_fixed(adapter), rng
 
     @torch.no_grad()
     def adapter_features(self, x: Any, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -173,7 +208,7 @@ class Blueprint:
             holdout = x[hold_idx]
             x, y = x[cut], (None if y is None else y[cut])
         hx = holdout[0] if isinstance(holdout, (tuple, list)) else holdout
-        self._train, self._source_fit = (x, y), None
+        self._train, self._source_fit, self._proto = (x, y), None, None
         if self.cfg.scorer.calibrate:
             self._calibrate(x, y, np.asarray(hx, dtype=np.float32))
         return self
@@ -201,12 +236,12 @@ class Blueprint:
 
         mon = self.cfg.monitor
         adapter = self.new_adapter()
-        scorer = copy.deepcopy(self.base_scorer)
+        scorer = _for_stream(self.base_scorer)
         monitor = (ShiftMonitor(detector=mon.detector, signals=tuple(mon.signals), cooldown_batches=mon.cooldown_batches,
                                 seed=self.cfg.engine.seed, **mon.options) if mon.enabled else None)
         policy = AlertPolicy(cooldown_batches=self.cfg.alerts.cooldown_batches)
         readapter = copy.deepcopy(self.base_readapter) if mon.enabled and self.base_readapter is not None else None
         burst = OODBurstRule(**mon.burst) if mon.enabled and mon.burst is not None else None
         novelty = copy.deepcopy(self.base_novelty) if mon.enabled and mon.novelty else None
-        gate = copy.deepcopy(self.base_gate_scorer) if self.base_gate_scorer is not None and self.calibrated else None
+        gate = _for_stream(self.base_gate_scorer) if self.base_gate_scorer is not None and self.calibrated else None
         return Parts(adapter, scorer, gate, monitor, policy, readapter, burst, novelty)

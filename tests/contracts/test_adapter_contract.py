@@ -191,3 +191,38 @@ def test_reset_returns_to_the_initial_behaviour(spec: str, kind: str):
     adapter.reset()
     assert adapter.n_steps == 0
     assert _same(adapter.step(x_probe), expected)
+
+
+def _stream_copy_source(spec: str, kind: str) -> Any:
+    from streamtta.adapters.state import share_fixed
+
+    return share_fixed(_build(spec, kind))
+
+
+@pytest.mark.parametrize("spec, kind", CASES)
+def test_stream_copies_act_as_fresh_adapters_and_stay_independent(spec: str, kind: str):
+    """(e) ``stream_copy`` of a ``share_fixed`` adapter: each copy gives exactly what a freshly built
+    adapter gives on its stream, copies fed different streams end in different states, and neither
+    the original nor a copy is changed by another copy's steps; the shared weights are left out of a
+    copy's state, which loads into another copy."""
+    from streamtta.adapters.state import stream_copy
+
+    proto = _stream_copy_source(spec, kind)
+    before = proto.state_dict()
+    a, b = stream_copy(proto), stream_copy(proto)
+    xa, xb = _batches(4, seed=11), _batches(4, seed=12)
+    assert _same(_run(a, xa), _run(_build(spec, kind), xa))
+    snap_b = b.state_dict()
+    assert _same(_run(b, xb), _run(_build(spec, kind), xb))
+    if not _same_tensors(a.state_dict()["model"], before["model"]):  # a stateful spec: the streams differ
+        assert not _same_tensors(a.state_dict()["model"], b.state_dict()["model"])
+    assert _same_tensors(proto.state_dict()["model"], before["model"])
+    assert set(a.state_dict()["model"]).isdisjoint(proto.shared_keys)
+    # a copy's state restores into another copy: it continues like the original one
+    x_next = _batches(2, seed=13)
+    c = stream_copy(proto)
+    c.load_state_dict(a.state_dict())
+    assert _same(_run(c, x_next), _run(a, x_next))
+    # b, restored to its first state, still behaves as a fresh adapter (nothing leaked from a or c)
+    b.load_state_dict(snap_b)
+    assert _same(_run(b, xb[:2]), _run(_build(spec, kind), xb[:2]))

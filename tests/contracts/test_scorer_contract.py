@@ -103,3 +103,31 @@ def test_polarity_far_samples_score_higher(name):
     id_scores, far_scores = s.score(fi, li), s.score(fo, lo)
     assert far_scores.mean() > id_scores.mean(), f"{name}: far {far_scores.mean():.4f} <= ID {id_scores.mean():.4f}"
     assert np.median(far_scores) > np.quantile(id_scores, 0.9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stream_copies_share_fixed_parts_learn_independently_and_restore(name, tmp_path):
+    """``for_stream`` copies: the fixed source parts are left out of their state (and stay shared), each
+    copy learns on its own (the fitted scorer is unchanged), and a copy's state, saved as plain data,
+    restores into another copy with identical scores; the full state of the fitted scorer (an older
+    checkpoint holding the fixed parts) loads into a copy too."""
+    base = fitted(name)
+    probe_f, probe_lg = stream_batch(99)
+    base_scores = base.score(probe_f, probe_lg)
+    a, b = base.for_stream(), base.for_stream()
+    for k in base.fixed_keys:
+        assert k not in a.state_dict() and k in base.state_dict()
+    for i in range(3):
+        for s, seed in ((a, i), (b, 50 + i)):
+            f, lg = stream_batch(seed)
+            s.score_and_flag(f, lg)
+            s.partial_fit(f, lg, torch.ones(len(f), dtype=torch.bool))
+    np.testing.assert_array_equal(base.score(probe_f, probe_lg), base_scores)
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    c = base.for_stream()
+    c.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
+    np.testing.assert_array_equal(a.score(probe_f, probe_lg), c.score(probe_f, probe_lg))
+    d = base.for_stream()
+    d.load_state_dict(base.state_dict())
+    np.testing.assert_array_equal(d.score(probe_f, probe_lg), base_scores)
+    assert d.shares_fixed == a.shares_fixed  # equal fixed parts in the state: still shared

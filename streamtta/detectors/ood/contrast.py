@@ -4,7 +4,9 @@ anything known.
 Features are L2-normalised (not centred: centring on the source mean hurts once the adapter moves
 the statistics). Three memories, each a FAISS ``IndexIDMap2(IndexFlatIP)`` (:class:`FlatIPIndex`):
 
-* **source**: the normalised source features given to :meth:`fit` (fixed);
+* **source**: the normalised source features given to :meth:`fit` (fixed: the copies
+  :meth:`~streamtta.detectors.ood.scorer.ThresholdedScorer.for_stream` makes for the streams share it
+  and leave it out of their ``state_dict``);
 * **known**: a FIFO of recent stream samples that look ID (bounded, ``known_size``);
 * **unknown**: a FIFO of recent stream samples that look most OOD (bounded, ``unknown_size``), the
   strong-OOD pool of OWTTT (Li et al., ICCV 2023) used as a second, "unknown" neighbour set.
@@ -135,6 +137,7 @@ class ContrastScorer(ThresholdedScorer):
     """
 
     name = "contrast"
+    fixed_keys = ("source",)
 
     def __init__(self, k: int = 10, k_unknown: int = 5, known_size: int = 1024, unknown_size: int = 512,
                  unknown_quantile: float = 0.15, known_quantile: float = 0.7, min_batch: int = 16,
@@ -175,18 +178,23 @@ class ContrastScorer(ThresholdedScorer):
     threshold = property(_get_threshold, ThresholdedScorer.threshold.fset)  # type: ignore[assignment]
 
     # -- state ---------------------------------------------------------------------------
-    def _build(self, dim: int) -> None:
+    def _set_source(self, vecs: np.ndarray) -> None:
+        """A new source memory (new objects: copies that shared the old one keep it) and empty online ones."""
+        dim = vecs.shape[1]
+        self.source_vecs = np.asarray(vecs, np.float32)
         self.source = FlatIPIndex(dim, self.backend, self.device)
+        self.source.upsert(np.arange(len(self.source_vecs)), self.source_vecs)
         self.known = _Ring(dim, self.known_size, self.backend, self.device)
         self.unknown = _Ring(dim, self.unknown_size, self.backend, self.device)
+
+    def _fixed_objects(self) -> list[Any]:
+        return [self.source, self.source_vecs]
 
     def _fit(self, features: Any, logits: Any, labels: Any | None) -> None:
         z = l2_normalize(to_numpy(features))
         if len(z) < self.k:
             raise ValueError(f"ContrastScorer needs at least k={self.k} source samples, got {len(z)}")
-        self._build(z.shape[1])
-        self.source_vecs = z.astype(np.float32)
-        self.source.upsert(np.arange(len(z)), self.source_vecs)
+        self._set_source(z.astype(np.float32))
         self.queue.clear()
         self._last = None
 
@@ -257,18 +265,19 @@ class ContrastScorer(ThresholdedScorer):
 
     # -- persistence ---------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
-        return {"source": tensor_state(self.source_vecs),
+        return {"source": None if self.shares_fixed else tensor_state(self.source_vecs),
                 "known": None if self.known is None else self.known.state_dict(),
                 "unknown": None if self.unknown is None else self.unknown.state_dict(),
                 "queue": tensor_state(np.array(self.queue, dtype=np.float64).reshape(-1, 2))}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the online memories; the source memory from the state when it holds one that differs
+        from the shared one (else the shared one stays)."""
         self._last = None
-        if state.get("source") is None:
-            return
-        self.source_vecs = array_state(state["source"], np.float32)
-        self._build(self.source_vecs.shape[1])
-        self.source.upsert(np.arange(len(self.source_vecs)), self.source_vecs)
+        if "source" in state and state["source"] is None:
+            return  # the state of an unfitted scorer
+        if not self._keep_shared(state, "source", self.source_vecs):
+            self._set_source(array_state(state["source"], np.float32))
         self.known.load_state_dict(state["known"])
         self.unknown.load_state_dict(state["unknown"])
         self.queue = deque((tuple(r) for r in array_state(state["queue"], np.float64).reshape(-1, 2).tolist()),

@@ -120,6 +120,14 @@ class FusionScorer(ThresholdedScorer):
                 self.loc[j] = m * self.loc[j] + (1 - m) * float(np.mean(s))
                 self.scale[j] = m * self.scale[j] + (1 - m) * float(max(np.std(s), 1e-12))
 
+    def _fixed_objects(self) -> list[Any]:
+        return [o for c in self.components for o in c._fixed_objects()]
+
+    def _mark_shared(self, shared: bool) -> None:
+        for c in self.components:
+            c._mark_shared(shared and bool([o for o in c._fixed_objects() if o is not None]))
+        super()._mark_shared(shared)
+
     def _extra_state(self) -> dict[str, Any]:
         return {"components": [c.state_dict() for c in self.components], "loc": tensor_state(self.loc),
                 "scale": tensor_state(self.scale), "weights": tensor_state(self.weights),

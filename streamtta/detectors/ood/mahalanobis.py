@@ -37,6 +37,7 @@ class MahalanobisScorer(ThresholdedScorer):
     """
 
     name = "mahalanobis"
+    fixed_keys = ("classes", "precision")
 
     def __init__(self, normalize: bool = True, shrinkage: float = 0.05, momentum: float = 0.0,
                  update_min_conf: float = 0.9, min_class_samples: int = 5, **kw: Any) -> None:
@@ -107,11 +108,18 @@ class MahalanobisScorer(ThresholdedScorer):
                 w = self.momentum ** int(sel.sum())
                 self.means[j] = w * self.means[j] + (1 - w) * f[sel].mean(0)
 
+    def _fixed_objects(self) -> list[Any]:
+        return [self.classes, self.precision]  # fixed by the source fit; the class means move online
+
     def _extra_state(self) -> dict[str, Any]:
-        return {"classes": tensor_state(self.classes), "means": tensor_state(self.means),
-                "precision": tensor_state(self.precision)}
+        shared = self.shares_fixed
+        return {"classes": None if shared else tensor_state(self.classes), "means": tensor_state(self.means),
+                "precision": None if shared else tensor_state(self.precision)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.classes = array_state(state["classes"], np.int64)
+        """Class means from the state; classes and precision too unless this copy keeps the shared ones."""
+        keep = [self._keep_shared(state, k, getattr(self, k)) for k in self.fixed_keys]
+        if not all(keep):  # one of them differs: both come from the state
+            self.classes = array_state(state["classes"], np.int64)
+            self.precision = array_state(state["precision"], np.float64)
         self.means = array_state(state["means"], np.float64)
-        self.precision = array_state(state["precision"], np.float64)

@@ -5,9 +5,14 @@ means, reservoir) is built on one part and the threshold is set at ``tpr`` (95% 
 held-out part, so the threshold is not biased low by scoring the very samples the state was built
 from. ``threshold_mode="otsu"`` swaps in OWTTT's adaptive Otsu threshold over a queue of recent
 scores (fed by :meth:`ThresholdedScorer.score_and_flag` / :meth:`observe`).
+
+:meth:`ThresholdedScorer.for_stream` copies a fitted scorer for one stream: what the source fit fixed
+for good (the contrast scorer's source memory, the Mahalanobis precision matrix, ...) is shared,
+read-only, by every copy and left out of the copies' ``state_dict``; the online state is the copy's own.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -59,6 +64,9 @@ class ThresholdedScorer(OODScorer):
     """
 
     name = "thresholded"
+    #: state keys of what the source fit fixes for good: shared by :meth:`for_stream` copies and left
+    #: out of their ``state_dict`` (the attributes behind them come from :meth:`_fixed_objects`)
+    fixed_keys: tuple[str, ...] = ()
 
     def __init__(self, tpr: float = 0.95, threshold_mode: str = "tpr", calib_fraction: float = 0.2,
                  otsu_queue: int = 512, otsu_min_fill: int = 64, seed: int = 0) -> None:
@@ -75,6 +83,8 @@ class ThresholdedScorer(OODScorer):
         self.calibrated_threshold = float("inf")
         self.otsu = OtsuThreshold(queue_size=otsu_queue, min_fill=otsu_min_fill)
         self.fitted = False
+        #: True for a :meth:`for_stream` copy whose fixed parts are still the shared ones
+        self.shares_fixed = False
 
     # -- hooks for subclasses ------------------------------------------------------------
     def _fit(self, features: Any, logits: Any, labels: Any | None) -> None:
@@ -85,6 +95,22 @@ class ThresholdedScorer(OODScorer):
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
+
+    def _fixed_objects(self) -> list[Any]:
+        """The objects behind :attr:`fixed_keys` (never changed in place once fitted)."""
+        return []
+
+    # -- per-stream copies ---------------------------------------------------------------
+    def for_stream(self) -> ThresholdedScorer:
+        """A copy for one stream: its online state is its own, the fixed source parts are shared
+        (read-only) with this scorer and every other copy, and its ``state_dict`` leaves them out."""
+        memo: dict[int, Any] = {id(o): o for o in self._fixed_objects() if o is not None}
+        other = copy.deepcopy(self, memo)
+        other._mark_shared(bool(memo))
+        return other
+
+    def _mark_shared(self, shared: bool) -> None:
+        self.shares_fixed = shared and self.fitted
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         return None
@@ -126,6 +152,7 @@ class ThresholdedScorer(OODScorer):
         if logits is not None and len(logits) != n:
             raise ValueError(f"{n} feature rows but {len(logits)} logit rows")
         build, cal = self._split(n)
+        self._mark_shared(False)  # a new source fit is this scorer's own
         self._fit(self._take(features, build), self._take(logits, build), self._take(labels, build))
         self.fitted = True
         self.calibrate(self._take(features, cal), self._take(logits, cal))
@@ -172,8 +199,29 @@ class ThresholdedScorer(OODScorer):
 
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "threshold": self.calibrated_threshold, "threshold_mode": self.threshold_mode,
-                "otsu": self.otsu.state_dict(), "fitted": self.fitted, **self._extra_state()}
+        """Plain-data state; a :meth:`for_stream` copy leaves out the shared :attr:`fixed_keys`."""
+        st = {"name": self.name, "threshold": self.calibrated_threshold, "threshold_mode": self.threshold_mode,
+              "otsu": self.otsu.state_dict(), "fitted": self.fitted, **self._extra_state()}
+        if self.shares_fixed:
+            for k in self.fixed_keys:
+                st.pop(k, None)
+        return st
+
+    def _keep_shared(self, state: dict[str, Any], key: str, current: Any) -> bool:
+        """Loading ``state``: True when this copy keeps its shared ``current`` value for ``key`` (the
+        state leaves it out, or holds the same values, e.g. an older checkpoint); False when the state's
+        own value must be loaded (then this copy no longer shares its fixed parts)."""
+        if key not in state:
+            if current is None:
+                raise ValueError(f"{type(self).__name__} state has no {key!r} (it is shared by the copies "
+                                 f"of one fitted scorer): load it into a copy of that scorer (for_stream)")
+            return True
+        if self.shares_fixed and current is not None and state[key] is not None:
+            value = array_state(state[key])
+            if value.shape == np.shape(current) and np.array_equal(value, current):
+                return True
+        self.shares_fixed = False
+        return False
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name", self.name) != self.name:
