@@ -119,3 +119,29 @@ def soak(*, records: int = 1_000_000, stream_ids: int = 1, max_states: int | Non
             "rss_end_mb": round(after[-1], 1), "rss_max_mb": round(max(after), 1),
             "growth_after_warmup_pct": round(100.0 * (after[-1] - after[0]) / after[0], 2),
             "checkpoints_mb": round(ckpt_mb, 1), "rss_samples": [[n, round(r, 1)] for n, r in samples]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``streamtta bench --soak`` / ``python -m streamtta.soak``: print the soak figures as JSON."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="streamtta bench --soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--stream-ids", type=int, default=1)
+    p.add_argument("--max-states", type=int, default=None)
+    p.add_argument("--every", type=int, default=50_000, help="records between two RSS samples")
+    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    r = soak(records=a.records, stream_ids=a.stream_ids, max_states=a.max_states, every=a.every,
+             progress=not a.no_progress)
+    text = json.dumps(r, indent=2)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
