@@ -13,6 +13,7 @@ see online), the scorer is built on them and its threshold set at 95% TPR on the
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,20 @@ def _reseed(seed: int, cpu_state: torch.Tensor) -> None:
     if torch.cuda.is_available():
         torch.manual_seed(seed)
     torch.set_rng_state(cpu_state)
+
+
+def _runnable_default(model: torch.nn.Module, spec: str) -> str:
+    """The default spec, or (with a logged warning) the closest one that runs on a TorchScript model whose
+    BatchNorm layers it cannot replace (see :mod:`streamtta.adapters.scripted`)."""
+    from streamtta.adapters.scripted import runnable_default
+
+    chosen = runnable_default(model, spec)
+    if chosen != spec:
+        msg = (f"adapter: the default spec {spec!r} cannot run on this TorchScript model (its BatchNorm layers "
+               f"cannot be replaced inside a compiled graph); using {chosen!r}. Load the eager module "
+               "('module:factory' + weights) for the default")
+        logging.getLogger("streamtta").warning(msg)
+    return chosen
 
 
 @dataclass
@@ -82,6 +97,15 @@ class Blueprint:
             classes = list(meta.classes) if meta is not None else list(range(cfg.model.num_classes or 0))
         self.classes: list[int] = [int(c) for c in classes]
         self.spec = DEFAULT_SPEC if cfg.adapter.spec == "default" else cfg.adapter.spec
+        if cfg.adapter.spec == "default":
+            self.spec = _runnable_default(model, self.spec)
+        else:  # a spec a TorchScript model cannot run is refused now, not at the first stream
+            from streamtta.adapters import parse_spec
+            from streamtta.adapters.scripted import check_script_spec, is_script
+
+            if is_script(model):
+                norm = parse_spec(self.spec).norm
+                check_script_spec(model, norm.name, norm.args, self.spec)
         self.scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
         self.base_scorer = build_scorer(self.scorer_name, **cfg.scorer.options)
         gate_name = cfg.scorer.gate

@@ -1,7 +1,8 @@
 """Online test-time adapters: ``norm x objective x filters x guards``, chosen by a spec string.
 
 Build one with :func:`build_adapter` from any classifier ``nn.Module`` with BatchNorm layers (it is
-deep-copied; the caller's module is never modified), then call :meth:`~CompositeAdapter.step`
+deep-copied; the caller's module is never modified; TorchScript modules run the terms listed in
+:mod:`streamtta.adapters.scripted` and are refused the others at build time), then call :meth:`~CompositeAdapter.step`
 on each incoming batch. ``step`` returns the *pre-update* logits (predict-then-adapt), the
 features (input of the last ``nn.Linear``) and the mask of samples that fed the update.
 

@@ -25,11 +25,13 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def iter_norm_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every normalisation module of ``model`` (BatchNorm*, streamtta norms, LayerNorm, GroupNorm)."""
+    """Every normalisation module of ``model`` (BatchNorm*, streamtta norms, LayerNorm, GroupNorm; in a
+    TorchScript module, those whose ``original_name`` says so)."""
     from streamtta.adapters.norms.base import AdaptiveNorm
+    from streamtta.adapters.scripted import SCRIPT_AFFINE_NORMS, script_type
 
     for name, m in model.named_modules():
-        if isinstance(m, AFFINE_NORM_TYPES + (AdaptiveNorm,)):
+        if isinstance(m, AFFINE_NORM_TYPES + (AdaptiveNorm,)) or script_type(m) in SCRIPT_AFFINE_NORMS:
             yield name, m
 
 

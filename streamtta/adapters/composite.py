@@ -1,7 +1,7 @@
 """The composable adapter: ``norm x objective x filters x guards`` around a copy of any model.
 
 :class:`CompositeAdapter` deep-copies the user's module, swaps its BatchNorm layers for the chosen
-test-time normalisation, and on every :meth:`~CompositeAdapter.step`:
+test-time normalisation (TorchScript: :mod:`~streamtta.adapters.scripted`); on every :meth:`~CompositeAdapter.step`:
 
 0. for pseudo-label-driven norms (``cb-stats``) only: a pre-pass with the stored statistics
    (no update) whose predictions become the pseudo-labels of the layers;
@@ -50,6 +50,7 @@ from streamtta.adapters.norms import (
     set_stats_mode,
 )
 from streamtta.adapters.objectives.base import Objective
+from streamtta.adapters.scripted import is_script, script_feature_layer, wrap_script
 from streamtta.adapters.source_fit import SourceFitMixin, first_source_norm
 from streamtta.adapters.state import adapter_state, load_adapter_state
 from streamtta.types import StepOutput
@@ -151,8 +152,9 @@ class CompositeAdapter(SourceFitMixin, Adapter):
                 raise ValueError(f"need 0 <= balanced_tv < imbalanced_tv <= 1, got {balanced_tv}, {imbalanced_tv}")
         self.balanced_tv, self.imbalanced_tv = balanced_tv, imbalanced_tv
 
-        self.model = copy.deepcopy(model)
-        self.replaced: list[str] = self._swap_norms(norm, seed)
+        self.scripted = is_script(model)  # TorchScript: wrapped, no layer replaced (streamtta.adapters.scripted)
+        self.model = wrap_script(model, norm, self.norm_kwargs, spec) if self.scripted else copy.deepcopy(model)
+        self.replaced: list[str] = [] if self.scripted else self._swap_norms(norm, seed)
         self.model.eval()
         self.model.requires_grad_(False)
 
@@ -166,13 +168,15 @@ class CompositeAdapter(SourceFitMixin, Adapter):
                 p.requires_grad_(True)
         self.optimizer = self._make_optimizer() if objective is not None else None
 
+        if self.scripted:  # features: the input of the wrapper's tap (see ScriptedModel)
+            feature_layer, feature_hook = script_feature_layer(feature_layer), "input"
         layer = feature_layer if feature_layer is not None else last_linear_name(self.model)
         self.feature_layer = layer
         self._hook = FeatureHook(self.model, layer, feature_hook) if layer is not None else None
 
         self._needs_source = any(f.needs_source for f in self.filters)
         self._label_layers = label_norms(self.model)
-        self._first_norm = first_source_norm(self.model)
+        self._first_norm = None if self.scripted else first_source_norm(self.model)  # no hook runs in TorchScript
         self._reference_guards = [g for g in self.guards if hasattr(g, "calibrate") and getattr(g, "mixed", False)]
         if prepass == "auto":
             prepass = "source" if (self._needs_source and objective is not None) else "adapted"

@@ -19,6 +19,7 @@ from streamtta.adapters.common import FeatureHook, iter_norm_modules
 from streamtta.adapters.guards.source_fallback import source_distance
 from streamtta.adapters.norms import frozen_stats, source_stats
 from streamtta.adapters.norms.base import instance_stats
+from streamtta.adapters.scripted import ScriptedModel, assigned_params
 
 
 def first_source_norm(model: nn.Module) -> nn.Module | None:
@@ -65,8 +66,16 @@ class SourceFitMixin:
         """The model with the source values of the adapted parameters and the current statistics (the
         "frozen source copy" of the filters); ``exact``: with the source statistics too, i.e. the
         non-adapting source model."""
-        with torch.no_grad(), frozen_stats(self.model), (source_stats(self.model) if exact else nullcontext()):
-            out = torch.func.functional_call(self.model, self._source_params, (x,), strict=False)
+        if isinstance(self.model, ScriptedModel):  # the stateless API does not take TorchScript modules
+            with torch.no_grad(), assigned_params(self.model, self._source_params):
+                self.model.use_source_stats = exact
+                try:
+                    out = self.model(x)
+                finally:
+                    self.model.use_source_stats = False
+        else:
+            with torch.no_grad(), frozen_stats(self.model), (source_stats(self.model) if exact else nullcontext()):
+                out = torch.func.functional_call(self.model, self._source_params, (x,), strict=False)
         if self._hook is not None:
             self._hook.pop()
         return out

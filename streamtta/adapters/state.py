@@ -5,7 +5,8 @@ per-stream copies that share the model's fixed weights.
 changes: the parameters of the layers that are not normalisation layers and the source statistics of
 the streamtta norm layers stay shared (read-only) by all the copies, and their ``state_dict`` leaves
 them out (``adapter.shared_keys``). The norm layers' affine parameters and statistics, optimizer,
-filters and guards are each copy's own.
+filters and guards are each copy's own. A TorchScript model cannot share tensors with another one: its
+copies hold their own fixed tensors (equal values; still left out of the state).
 
 >>> from torch import nn
 >>> from streamtta.adapters import build_adapter
@@ -109,9 +110,12 @@ def _plain_module(m: nn.Module) -> bool:
 def _copy_modules(root: nn.Module, memo: dict[int, Any]) -> None:
     """Deep-copy the module tree of ``root`` into ``memo`` as ``copy.deepcopy`` would, but faster: the
     many empty hook dictionaries of every module are created empty instead of being reconstructed.
-    Module trees with a module that copies itself its own way are left to ``copy.deepcopy``."""
+    Module trees with a module that copies itself its own way (a TorchScript model's wrapper) are copied
+    with ``copy.deepcopy`` first, so that references to their tensors map to the copy's; their fixed
+    tensors are copied, not shared."""
     modules = list(root.modules())
     if not all(_plain_module(m) for m in modules):
+        memo[id(root)] = copy.deepcopy(root, memo)
         return
     for m in modules:
         memo[id(m)] = object.__new__(type(m))

@@ -4,7 +4,8 @@ The terms come from the registries (:data:`streamtta.adapters.terms.TERMS` and `
 term is tested as soon as it is registered. Each is completed to the smallest spec the grammar
 accepts (a filter or guard that needs an objective gets ``tent``, others ``bn``) and run on a
 small BatchNorm CNN; specs that adapt more than BatchNorm layers (an objective, a filter or a guard)
-also run on a GroupNorm CNN and a LayerNorm MLP. Contracts:
+also run on a GroupNorm CNN and a LayerNorm MLP; every spec a TorchScript model can run also runs on the
+BatchNorm CNN scripted and traced (the others must be refused at build time). Contracts:
 
 (a) ``state_dict()``, more steps, ``load_state_dict()``: the next two batches give the same outputs
     as right after the snapshot (also when the state is loaded into a fresh adapter);
@@ -22,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from streamtta.adapters import build_adapter, parse_spec
+from streamtta.adapters import SpecError, build_adapter, parse_spec
 from streamtta.adapters.build import COMPONENT_BUILDERS
 from streamtta.adapters.norms import NORM_CLASSES
 from streamtta.adapters.terms import MACROS, TERMS
@@ -85,6 +86,13 @@ def _trained(kind: str) -> nn.Module:
 
 
 SOURCE_MODELS = {kind: _trained(kind) for kind in MODELS}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    SOURCE_MODELS["scripted-batchnorm-cnn"] = torch.jit.script(SOURCE_MODELS["batchnorm-cnn"])
+    SOURCE_MODELS["traced-batchnorm-cnn"] = torch.jit.trace(SOURCE_MODELS["batchnorm-cnn"], torch.rand(2, 1, 8, 8))
+#: the norm terms a TorchScript BatchNorm model cannot run (see streamtta.adapters.scripted)
+SCRIPT_REFUSED = {"scripted-batchnorm-cnn": {"cb-stats", "rbn", "unmix-tns"},
+                  "traced-batchnorm-cnn": {"bn", "cb-stats", "rbn", "unmix-tns"}}
 
 
 def _adapts_beyond_batchnorm(spec: str) -> bool:
@@ -97,6 +105,17 @@ CASES = [
     for spec in SPECS
     for kind in MODELS
     if kind == "batchnorm-cnn" or _adapts_beyond_batchnorm(spec)
+] + [
+    pytest.param(spec, kind, id=f"{spec}-{kind}")
+    for spec in [*SPECS, "source+tent+conf-drop"]
+    for kind, refused in SCRIPT_REFUSED.items()
+    if parse_spec(spec).norm.name not in refused
+]
+REFUSED_CASES = [
+    pytest.param(spec, kind, id=f"{spec}-{kind}")
+    for spec in SPECS
+    for kind, refused in SCRIPT_REFUSED.items()
+    if parse_spec(spec).norm.name in refused
 ]
 
 
@@ -143,6 +162,14 @@ def test_every_registered_term_has_a_builder_and_is_covered():
     covered = {t.name for spec in SPECS for t in parse_spec(spec).terms()}
     assert covered == set(TERMS)
     assert {"default", "eata", "rdumb"} <= set(SPECS)
+
+
+@pytest.mark.parametrize("spec, kind", REFUSED_CASES)
+def test_torchscript_refuses_what_it_cannot_run(spec: str, kind: str):
+    """A spec whose norm a TorchScript model cannot run is refused at build time, naming the terms."""
+    norm, refused = parse_spec(spec).norm.name, ", ".join(sorted(SCRIPT_REFUSED[kind]))
+    with pytest.raises(SpecError, match=f"term {norm!r}.*Terms that cannot run on it: {refused}; terms that run"):
+        _build(spec, kind)
 
 
 @pytest.mark.parametrize("spec, kind", CASES)
