@@ -18,6 +18,10 @@ Pipeline(adapter='bn', scorer='energy', classes=3, calibrated=True)
 >>> pipe.process(torch.randn(1, 8)).predictions.shape   # batch size 1 works
 (1,)
 
+A user's model has no source data of its own: :meth:`Pipeline.calibrate` (or ``Pipeline(...,
+calibration=...)``) fits it on the user's clean data -- arrays, a data file or a calibration file written by
+``streamtta calibrate`` (:mod:`streamtta.calibration`); uncalibrated, a pipeline flags nothing as OOD.
+
 Per batch (:meth:`Pipeline.process`): the adapter steps with a *gate* that scores the batch and keeps
 OOD-flagged samples out of every update; the OOD scorer gives scores (higher = more OOD) and flags; the
 novel-class detector, the shift monitor (river detectors on batch signals) and the OOD-burst rule watch
@@ -71,11 +75,21 @@ class Pipeline:
         forward on the first data the pipeline sees.
     hold_batches
         Overrides ``monitor.hold_batches`` (default 0 here: every result is final at once).
+    state_dict
+        Weights loaded into a model given as a spec (``'module:factory'``), as ``model.state_dict``.
+    calibration, labels
+        Clean source data to fit on at once (:meth:`calibrate`): arrays ``x`` or ``(x, y)``, a data file
+        (``.npz`` with ``x`` and optional ``y``, ``.npy``, ``.csv``, ``.parquet``; ``labels`` names the
+        label column or key) or a calibration file written by ``streamtta calibrate``.
     """
+
+    #: what the pipeline was calibrated on (:class:`~streamtta.calibration.CalibrationData`), if anything
+    calibration: Any = None
 
     def __init__(self, model: Any, adapter: str | None = None, scorer: str | None = None, *,
                  config: Config | dict[str, Any] | None = None, classes: list[int] | None = None,
-                 num_classes: int | None = None, hold_batches: int | None = 0, meta: Any = None) -> None:
+                 num_classes: int | None = None, hold_batches: int | None = 0, meta: Any = None,
+                 calibration: Any = None, labels: str | None = None, state_dict: Any = None) -> None:
         cfg = config.model_copy(deep=True) if isinstance(config, Config) else load_config(overrides=config, env=False)
         cfg.adapter.spec = adapter if adapter is not None else cfg.adapter.spec
         cfg.scorer.name = scorer if scorer is not None else cfg.scorer.name
@@ -83,11 +97,16 @@ class Pipeline:
             cfg.monitor.hold_batches = hold_batches
         if num_classes is not None:
             cfg.model.num_classes = num_classes
+        if state_dict is not None:
+            cfg.model.state_dict = str(state_dict)
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from streamtta.models.registry import load_model
 
-            model, meta = load_model(str(model) if not isinstance(model, bytes) else model.decode())
+            model, meta = load_model(str(model) if not isinstance(model, bytes) else model.decode(),
+                                     state_dict=cfg.model.state_dict)
         self._init(Blueprint(cfg, model, meta, classes=classes))
+        if calibration is not None:
+            self.calibrate(calibration, labels=labels)
 
     def _init(self, blueprint: Blueprint) -> None:
         self.blueprint = blueprint
@@ -121,7 +140,7 @@ class Pipeline:
 
     def __repr__(self) -> str:
         b = self.blueprint
-        return (f"Pipeline(adapter={self.cfg.adapter.spec!r}, scorer={self.cfg.scorer.name!r}, "
+        return (f"Pipeline(adapter={b.spec!r}, scorer={self.cfg.scorer.name!r}, "
                 f"classes={b.num_classes}, calibrated={b.calibrated})")
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -170,6 +189,32 @@ class Pipeline:
             self._probe(x)
         self.blueprint.fit_source(x, y, holdout=holdout)
         self._init(self.blueprint)
+        return self
+
+    def calibrate(self, data: Any, y: Any = None, *, labels: str | None = None) -> "Pipeline":
+        """Fit on the user's clean source data (:meth:`fit_source`) and remember what they were.
+
+        ``data`` is ``x`` (with ``y`` or not), ``(x, y)``, a data file (``labels`` names the label column /
+        key) or a calibration file, which must have been made for this model's weights (else
+        :class:`~streamtta.calibration.CalibrationError`). Without labels the calibration is unsupervised."""
+        from streamtta.calibration import CalibrationData, CalibrationError, as_data, load_any
+
+        if isinstance(data, CalibrationData):
+            d = data
+        elif isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+            d = load_any(data.decode() if isinstance(data, bytes) else data, self.blueprint.model, labels)
+        elif isinstance(data, tuple) and len(data) == 2 and y is None:
+            d = as_data(*data)
+        else:
+            d = as_data(data, y)
+        x = torch.from_numpy(d.x)
+        self._probe(x)
+        foreign = sorted(set(np.unique(d.y).tolist()) - set(self.classes)) if d.y is not None else []
+        if foreign:
+            raise CalibrationError(f"{d.source}: labels {foreign} are not classes of the model "
+                                   f"({self.classes[0]}..{self.classes[-1]})")
+        self.fit_source(d.x, d.y)
+        self.calibration = d
         return self
 
     # -- one batch ------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import resource
 import signal
 import sys
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -23,7 +23,9 @@ from streamtta.config import Config
 from streamtta.checkpoints import CheckpointStore
 from streamtta.engine import Engine, Outputs
 from streamtta.pipeline import Pipeline
+from streamtta.progress import progress_bar  # noqa: F401  (re-exported: streamtta.runner.progress_bar)
 from streamtta.runlog import RunLog
+from streamtta.signals import Interrupted, graceful_shutdown, on_signals, raise_interrupted  # noqa: F401  (re-exported)
 from streamtta.types import RawRecord
 
 log = logging.getLogger("streamtta")
@@ -74,15 +76,25 @@ def new_run_dir(base: str | Path, label: str | None = None) -> Path:
 
 def write_manifest(run_dir: Path, cfg: Config, *, seed: int, stream: dict[str, Any] | None,
                    command: list[str] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Resolved config (TOML + JSON), seed, versions and stream description next to the results."""
+    """Resolved config (TOML + JSON), seed, versions and stream description next to the results.
+
+    Secrets are redacted in both files (:func:`streamtta.config.redact`: secret keys of the config and
+    of ``extra``, ``key=value`` pairs and the config's secret strings in the command line and every other
+    string); ``cfg`` itself is not changed. The config's secret strings are also registered with the log
+    filter (:func:`streamtta.config.install_redaction`), so the run's log never shows them either.
+    """
     import tomli_w
 
-    resolved = cfg.to_dict()
+    from streamtta.config.secrets import install_redaction, redact, redact_argv, redacted_config, secret_values
+
+    install_redaction(cfg)
+    values = secret_values(cfg)
+    resolved = redacted_config(cfg)
     (run_dir / "config.toml").write_text(tomli_w.dumps(_drop_none(resolved)))
-    manifest = {"created_at": datetime.now().isoformat(timespec="seconds"), "seed": seed,
-                "command": command if command is not None else sys.argv, "versions": versions(),
-                "config": resolved, "stream": stream, **(extra or {})}
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    argv = redact_argv(command if command is not None else sys.argv, values)
+    manifest = {"created_at": datetime.now().isoformat(timespec="seconds"), "seed": seed, "command": argv,
+                "versions": versions(), "config": resolved, "stream": stream, **(extra or {})}
+    (run_dir / "manifest.json").write_text(json.dumps(redact(manifest, values), indent=2, default=str))
 
 
 def _drop_none(d: Any) -> Any:
@@ -98,16 +110,33 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------
 # building blocks
 # ----------------------------------------------------------------------------------------------
-def build_pipeline(cfg: Config, model: torch.nn.Module | None = None, meta: Any = None) -> Pipeline:
-    """The template pipeline of a run: model from ``cfg.model.source`` unless given, fitted on the
-    model's own source data when it has streamtta metadata (scorer calibration with ``scorer.calibrate``)."""
+def build_pipeline(cfg: Config, model: torch.nn.Module | None = None, meta: Any = None, *,
+                   calibration: Any = None, labels: str | None = None) -> Pipeline:
+    """The template pipeline of a run: model from ``cfg.model.source`` unless given, fitted on
+
+    1. ``calibration`` (a data file, a calibration file or arrays: :meth:`Pipeline.calibrate`), else
+    2. the model's calibration file when one exists next to it
+       (:func:`~streamtta.calibration.default_calibration_path`; refused if made for other weights), else
+    3. the model's own source data when it has streamtta metadata (built-in models), else
+    4. nothing: a warning, and no OOD flags (the run summary says how to get them).
+
+    The scorer is calibrated with ``scorer.calibrate``."""
+    from streamtta.calibration import HOW_TO_CALIBRATE, default_calibration_path
+
     if model is None:
         model, meta = load_source_model(cfg)
     pipe = Pipeline.from_config(cfg, model, meta)
-    if meta is not None:
+    if calibration is None and cfg.model.source is not None:
+        found = default_calibration_path(cfg.model.source, cfg.model.state_dict)
+        if found.is_file():
+            log.info("calibration file %s found next to the model", found)
+            calibration = found
+    if calibration is not None:
+        pipe.calibrate(calibration, labels=labels)
+    elif meta is not None:
         pipe.fit_source()
     else:
-        log.warning("model without streamtta metadata and no calibration data: no OOD flags")
+        log.warning("model without streamtta metadata and no calibration data: no OOD flags (%s)", HOW_TO_CALIBRATE)
     return pipe
 
 
@@ -141,30 +170,6 @@ def encoded_records(stream: Any, topic: str = SIM_TOPIC) -> Iterator[RawRecord]:
         yield RawRecord(topic=topic, partition=0, offset=i, key=s.stream_id.encode(),
                         value=encode_tensor(s.x, s.stream_id, label=s.label, event_time=s.event_time,
                                             domain=s.domain, is_unknown=s.is_unknown))
-
-
-@contextmanager
-def progress_bar(total: int | None, description: str, enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar; yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*cols, transient=False) as prog:
-        task = prog.add_task(description, total=total, rate="")
-        t0 = time.perf_counter()
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            dt = time.perf_counter() - t0
-            prog.update(task, advance=n, rate=f"{done[0] / dt:,.0f} rec/s" if dt > 0 else "")
-
-        yield advance
 
 
 @dataclass
@@ -268,41 +273,19 @@ def _record_domain(rec: RawRecord) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# signals
-# ----------------------------------------------------------------------------------------------
-@contextmanager
-def graceful_shutdown(engine: Engine) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the engine to stop after the current batch (flush, checkpoint, commit)."""
-    old = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        log.warning("signal %d received: finishing the current batch and stopping", signum)
-        engine.request_stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not in the main thread
-            pass
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
-# ----------------------------------------------------------------------------------------------
 # Kafka end to end
 # ----------------------------------------------------------------------------------------------
 def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir: Path | None,
                        runlog: RunLog | None) -> tuple[Engine, ExitStack]:
+    """The engine of a Kafka run; consumer and producer get ``client_settings(cfg.kafka, role)``."""
     from streamtta.stream.kafka import KafkaDeadLetter, KafkaSink, KafkaSource, make_producer
+    from streamtta.stream.kafka.errors import ClientLog, quiet
     from streamtta.stream.kafka.settings import client_settings
     from streamtta.stream.memory import JsonlSink
 
     k = cfg.kafka
     stack = ExitStack()
-    producer = make_producer(bootstrap, **client_settings(k, "producer"))
+    producer = make_producer(bootstrap, **quiet(client_settings(k, "producer"), ClientLog("producer")))
     stack.callback(producer.flush, 30)
     preds = KafkaSink(producer, k.resolved_predictions_topic()) if k.predictions else None
     alerts: list[Any] = []
@@ -312,28 +295,32 @@ def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir:
         alerts.append(JsonlSink(run_dir / "alerts.jsonl"))
     dlq = KafkaDeadLetter(producer, k.resolved_dlq_topic())
     source = KafkaSource(bootstrap, [k.topic], k.group_id, overrides=client_settings(k, "consumer"),
-                         stop_at_end=k.stop_at_end)
+                         stop_at_end=k.stop_at_end, retry_timeout_s=k.connect_timeout_s)
     stack.callback(source.close)
-    store = CheckpointStore(cfg.engine.checkpoint_dir)
+    store = CheckpointStore(cfg.engine.checkpoint_dir, namespace=k.group_id)  # state is the group's
     engine = Engine(cfg, source, Outputs(preds, alerts, dlq), pipeline, store=store, runlog=runlog)
+    names = getattr(pipeline.calibration, "feature_names", None)
+    if names and engine.limits.feature_names is None:  # object-style JSON rows: the calibration data's order
+        engine.limits = replace(engine.limits, feature_names=tuple(names))
     return engine, stack
 
 
 def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, run_dir: Path | None = None,
             total: int | None = None, progress: bool = True, max_records: int | None = None) -> RunResult:
-    """Run the engine against Kafka until the stream ends (``kafka.stop_at_end``), a signal or a limit."""
-    from streamtta.stream.kafka import ensure_topics
+    """Run the engine against Kafka until the stream ends (``kafka.stop_at_end``), a signal or a limit
+    (topics: :func:`~streamtta.stream.kafka.admin.prepare_topics`). On SIGINT/SIGTERM the engine finishes
+    its batch, the consumer commits and closes, the producer flushes; ``stats["stopped_by"]`` names it."""
+    from streamtta.stream.kafka.admin import prepare_topics
 
     if pipeline is None:
         pipeline = build_pipeline(cfg)
     k = cfg.kafka
-    ensure_topics(bootstrap, {k.topic: k.partitions, k.resolved_dlq_topic(): 1,
-                              k.resolved_predictions_topic(): k.partitions, k.resolved_alerts_topic(): 1})
-    runlog = RunLog() if cfg.engine.record_log else None
+    prepare_topics(k, bootstrap)
+    runlog = (RunLog(spool_dir=run_dir) if run_dir is not None else RunLog()) if cfg.engine.record_log else None
     engine, stack = build_kafka_engine(cfg, bootstrap, pipeline, run_dir, runlog)
     t0 = time.perf_counter()
-    with stack, graceful_shutdown(engine), progress_bar(total, f"consume {k.topic}", progress) as advance:
-        engine.on_batch = advance
+    with graceful_shutdown(engine) as signals, stack, progress_bar(total, f"consume {k.topic}", progress) as bar:
+        engine.on_batch = bar
         engine.run(max_records=max_records)
     t1 = time.perf_counter()
     wall = t1 - t0
@@ -342,6 +329,8 @@ def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, ru
         runlog.peak_rss_mb = peak_rss_mb()
         runlog.dead_letters = engine.dead_letters
     stats = engine_stats(engine, wall, started_at=t0, ended_at=t1)
+    if signals:
+        stats["stopped_by"] = signal.Signals(signals[0]).name
     # engine <-> source callbacks form a cycle: collect it now so the producer/consumer handles close
     # while the broker is still up (no reconnect noise from librdkafka after an embedded broker stops)
     del engine, stack

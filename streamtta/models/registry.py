@@ -9,7 +9,9 @@ A spec is one of:
 * a path to a TorchScript file (``torch.jit.save``; metadata is read back when it was written by
   :func:`export_torchscript`);
 * ``"package.module:factory"`` -- a zero-argument callable returning an ``nn.Module`` -- usually
-  with ``state_dict="weights.pt"`` (loaded with ``weights_only=True``).
+  with ``state_dict="weights.pt"`` (loaded with ``weights_only=True``). A module that is not importable
+  from ``sys.path`` is looked up in the current directory (``sensor:factory`` finds ``./sensor.py``
+  without ``PYTHONPATH``; the directory is appended to ``sys.path``, so installed packages come first).
 
 ``state_dict=`` may be given with any spec: those weights are loaded on top (strictly).
 The model comes back in ``eval()`` mode.
@@ -27,6 +29,7 @@ import importlib
 import logging
 import os
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -39,6 +42,10 @@ log = logging.getLogger("streamtta.models")
 
 #: Built-in model name -> training dataset (see :data:`streamtta.models.recipes.RECIPES`).
 BUILTIN_MODELS: dict[str, str] = {"digits-resnet": "digits", "segment-mlp": "segment"}
+
+class ModelSpecError(ValueError):
+    """A model spec cannot be resolved or loaded; the message names the spec and the reason."""
+
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -58,7 +65,7 @@ def cache_dir() -> Path:
 def builtin_path(name: str, *, train_if_missing: bool = True) -> Path:
     """Checkpoint path of a built-in model, training and caching it if no copy exists."""
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; built-in models: {sorted(BUILTIN_MODELS)}")
+        raise ModelSpecError(f"unknown built-in model {name!r}; built-in models: {sorted(BUILTIN_MODELS)}")
     for folder in (CHECKPOINT_DIR, cache_dir()):
         if (folder / f"{name}.pt").is_file():
             return folder / f"{name}.pt"
@@ -93,25 +100,47 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
+def _import_module(spec: str, module_name: str) -> object:
+    """Import ``module_name``; if its top-level package is nowhere on ``sys.path``, try the current directory."""
+    top = module_name.split(".", 1)[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != top or cwd in sys.path or not _in_dir(cwd, top):
+            raise ModelSpecError(f"model spec {spec!r}: cannot import module {module_name!r} ({e}; looked in sys.path "
+                             f"and the current directory {cwd})") from e
+    except ImportError as e:
+        raise ModelSpecError(f"model spec {spec!r}: cannot import module {module_name!r} ({e})") from e
+    sys.path.append(cwd)
+    importlib.invalidate_caches()
+    log.info("model spec %r: importing %r from the current directory %s", spec, module_name, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelSpecError(f"model spec {spec!r}: cannot import module {module_name!r} from {cwd} ({e})") from e
+
+
+def _in_dir(folder: str, top: str) -> bool:
+    return (Path(folder) / f"{top}.py").is_file() or (Path(folder) / top).is_dir()
+
+
 def _from_factory(spec: str) -> nn.Module:
     module_name, attr = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"model spec {spec!r}: cannot import module {module_name!r} ({e})") from e
+    module = _import_module(spec, module_name)
     obj: object = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"model spec {spec!r}: {module_name!r} has no attribute {attr!r}")
+            raise ModelSpecError(f"model spec {spec!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable factory")
+        raise ModelSpecError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable factory")
     try:
         model = obj()
     except TypeError as e:
-        raise ValueError(f"model spec {spec!r}: the factory must be callable with no arguments ({e})") from e
+        raise ModelSpecError(f"model spec {spec!r}: the factory must be callable with no arguments ({e})") from e
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model spec {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
+        raise ModelSpecError(f"model spec {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -122,18 +151,18 @@ def _load_state(model: nn.Module, state_dict: str | os.PathLike, map_location: s
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise ModelSpecError(
             f"state dict file {str(path)!r} cannot be loaded with weights_only=True ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from e
     if isinstance(state, dict) and state.get("format") == "streamtta.checkpoint":
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+        raise ModelSpecError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"state dict {str(path)!r} does not fit the model: {e}") from e
+        raise ModelSpecError(f"state dict {str(path)!r} does not fit the model: {e}") from e
 
 
 def load_model(
@@ -145,7 +174,7 @@ def load_model(
     """Load a model from a built-in name, checkpoint path, TorchScript path or ``module:factory``."""
     text = str(spec).strip()
     if not text:
-        raise ValueError("empty model spec")
+        raise ModelSpecError("empty model spec")
     meta: ModelMeta | None
     path = Path(text).expanduser()
     if text in BUILTIN_MODELS:
@@ -160,7 +189,7 @@ def load_model(
     elif path.suffix or os.sep in text or "/" in text:
         raise FileNotFoundError(f"model file {text!r} does not exist")
     else:
-        raise ValueError(
+        raise ModelSpecError(
             f"model spec {text!r} is not a built-in model ({', '.join(sorted(BUILTIN_MODELS))}), an existing "
             "checkpoint / TorchScript file, or 'package.module:factory'"
         )

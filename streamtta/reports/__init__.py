@@ -25,11 +25,11 @@ from .bench_json import (
     validate_bench,
     write_bench_json,
 )
-from .plots import ALERT_COLOURS, plot_bench, plot_run, plot_shift_recovery, shift_windows
+from .plots import ALERT_COLOURS, plot_bench, plot_run, plot_shift_recovery, run_title, shift_windows
 from .tables import DEFAULT_TABLE_METRICS, METRICS, bench_markdown, print_bench_table
 
 __all__ = [
     "ALERT_COLOURS", "BENCH_SCHEMA_VERSION", "DEFAULT_TABLE_METRICS", "METRICS", "aggregate", "bench_markdown",
     "collect_versions", "make_result", "plot_bench", "plot_run", "plot_shift_recovery", "print_bench_table",
-    "read_bench_json", "shift_windows", "to_jsonable", "validate_bench", "write_bench_json",
+    "read_bench_json", "run_title", "shift_windows", "to_jsonable", "validate_bench", "write_bench_json",
 ]

@@ -102,6 +102,19 @@ def _draw_domain_names(ax: Any, log: "RunLog", max_segments: int = 12) -> None:
                     ha="center", va="bottom", fontsize=8, color="dimgray")
 
 
+def run_title(command: str, *, model: str | None = None, topic: str | None = None,
+              scenario: str | None = None) -> str:
+    """The title of a run's plot: what ran on what (model, topic, replayed scenario; the parts known).
+
+    >>> run_title("run", model="sensor.ts.pt", topic="sensors")
+    'streamtta run: model sensor.ts.pt · topic sensors'
+    >>> run_title("simulate", model="digits-resnet", scenario="quickstart")
+    'streamtta simulate: model digits-resnet · scenario quickstart'
+    """
+    parts = [f"{k} {v}" for k, v in (("model", model), ("topic", topic), ("scenario", scenario)) if v]
+    return f"streamtta {command}: " + " · ".join(parts) if parts else f"streamtta {command}"
+
+
 def plot_run(
     log: "RunLog",
     path: str | Path,

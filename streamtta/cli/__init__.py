@@ -1,0 +1,153 @@
+"""``streamtta`` command line.
+
+Commands: run, calibrate, simulate, produce, bench, broker, train-source, meta-train, config show.
+Run ``streamtta COMMAND --help`` for the flags of each (a command lists only the flags it uses);
+``streamtta --version`` prints the version.
+
+Exit codes: 0 done (also ``run`` stopped by SIGINT/SIGTERM while consuming: batch finished, committed,
+broker stopped, results written; ``broker`` stopped by either); 1 Kafka unreachable (``kafka.connect_timeout_s``),
+input topic missing, or a commit or delivery failed for good; 2 bad config, model spec, calibration data or
+missing file; 128 + signal (130, 143) when a signal stops a command before its engine runs (no results) or a
+second one aborts a stop.
+
+Modules: :mod:`.common` (flags, config, logging), :mod:`.run` (run, produce), :mod:`.calibrate`,
+:mod:`.offline` (simulate, bench, train-source, meta-train), :mod:`.tools` (config show, broker),
+:mod:`.summary` (the run summary table).
+
+>>> build_parser().parse_args(["calibrate", "--model", "sensor:factory", "--data", "source.npz"]).labels is None
+True
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from streamtta.cli.calibrate import cmd_calibrate
+from streamtta.cli.common import (
+    ALL_FLAGS,
+    BENCH_FLAGS,
+    CALIBRATE_FLAGS,
+    FLAG_FIELDS,
+    PRODUCE_FLAGS,
+    SIMULATE_FLAGS,
+    add_config_flags,
+    resolve_config,
+)
+from streamtta.cli.common import setup_logging as _setup_logging
+from streamtta.cli.offline import cmd_bench, cmd_meta_train, cmd_simulate, cmd_train_source
+from streamtta.cli.run import cmd_produce, cmd_run
+from streamtta.cli.tools import cmd_broker, cmd_config_show
+from streamtta.config import ConfigError
+
+__all__ = ["FLAG_FIELDS", "add_config_flags", "build_parser", "main", "resolve_config"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from streamtta.version import __version__
+
+    p = argparse.ArgumentParser(prog="streamtta", description="Streaming test-time adaptation engine.")
+    p.add_argument("--version", action="version", version=f"streamtta {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="main job: broker + replay + engine end to end (or consume an existing Kafka)")
+    add_config_flags(r, ALL_FLAGS)
+    r.add_argument("--scenario", help="scenario name or TOML path to replay (default quickstart; none when --model "
+                                      "names another model)")
+    r.add_argument("--no-replay", action="store_const", const=True, default=None,
+                   help="consume the topic without replaying a scenario into it first")
+    r.add_argument("--max-records", type=int, help="stop after this many records")
+    r.add_argument("--calibrate-from", type=Path, metavar="FILE",
+                   help="calibrate on these clean source data first: .npz (x, optional y), .npy, .csv, .parquet, "
+                        "or a calibration file (default: the model's calibration file, if any)")
+    r.add_argument("--labels", metavar="COL_OR_KEY", help="label column (CSV/parquet) or key (.npz) of --calibrate-from")
+    r.set_defaults(func=cmd_run)
+
+    ca = sub.add_parser("calibrate", help="fit a model on your clean data and write its calibration file")
+    ca.add_argument("--data", type=Path, required=True,
+                    help="clean source data: .npz (x, optional y), .npy (x), .csv or .parquet (numeric columns)")
+    ca.add_argument("--labels", metavar="COL_OR_KEY",
+                    help="label column (CSV/parquet, by name or 0-based index) or key (.npz; default y); "
+                         "without labels the calibration is unsupervised")
+    ca.add_argument("--out", type=Path, help="calibration file (default: next to the model, <model>.calib.npz)")
+    add_config_flags(ca, CALIBRATE_FLAGS)
+    ca.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("simulate", help="run a scenario offline through the engine (no Kafka)")
+    s.add_argument("scenario", help="scenario name or TOML path")
+    add_config_flags(s, SIMULATE_FLAGS)
+    s.set_defaults(func=cmd_simulate)
+
+    pr = sub.add_parser("produce", help="replay a scenario into a Kafka topic")
+    pr.add_argument("scenario")
+    add_config_flags(pr, PRODUCE_FLAGS)
+    pr.set_defaults(func=cmd_produce)
+
+    b = sub.add_parser("bench", help="run methods side by side on identical streams")
+    b.add_argument("scenarios", nargs="+")
+    b.add_argument("--methods", default="source,bn", help="comma-separated adapter specs")
+    b.add_argument("--seeds", default="1", help="comma-separated seeds")
+    b.add_argument("--json", type=Path, help="write results JSON here")
+    b.add_argument("--plot", type=Path, help="write a PNG comparison plot here")
+    b.add_argument("--plot-shifts", type=Path, help="write a PNG of the mean accuracy around the change points here")
+    b.add_argument("--markdown", type=Path, help="write the results table as Markdown here")
+    b.add_argument("--limit", type=int, help="use only the first N samples of each stream (smoke runs)")
+    b.add_argument("--scorers", help="comma-separated OOD scorers: every method runs once per scorer")
+    b.add_argument("--variant", dest="variants", action="append", default=[], metavar="LABEL:KEY=V[;KEY=V]",
+                   help="run every method again with these config overrides, e.g. "
+                        "'no-readapt:monitor.readapt=false' (repeatable; the label is added to the method name)")
+    b.add_argument("--cost", action="store_true",
+                   help="measure compute cost instead: plain forward vs adapter step vs scoring, per batch (ms)")
+    b.add_argument("--cost-samples", type=int, default=2048, help="samples per scenario for --cost")
+    b.add_argument("--metrics", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
+                   help="table columns (metric names of metrics.summarize), e.g. acc,auroc,fpr95")
+    add_config_flags(b, BENCH_FLAGS)
+    b.set_defaults(func=cmd_bench)
+
+    br = sub.add_parser("broker", help="start the embedded Kafka-protocol broker (Tansu) until Ctrl-C")
+    br.add_argument("--port", type=int, default=None, help="port (default: a free loopback port)")
+    br.set_defaults(func=cmd_broker)
+
+    t = sub.add_parser("train-source", help="train a built-in source model and save its checkpoint")
+    t.add_argument("--dataset", default="digits", help="digits or segment")
+    t.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--known-classes", help="comma-separated known class ids (default: dataset's)")
+    t.set_defaults(func=cmd_train_source)
+
+    m = sub.add_parser("meta-train", help="learn the meta-initialisation used for re-adaptation")
+    m.add_argument("--model", default="digits-resnet")
+    m.add_argument("--steps", type=int, default=200)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", type=Path, help="default: next to the source checkpoint")
+    m.set_defaults(func=cmd_meta_train)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser("show", help="print the resolved configuration")
+    add_config_flags(cs, ALL_FLAGS)
+    cs.add_argument("--format", choices=["toml", "json"], default="toml")
+    cs.set_defaults(func=cmd_config_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from streamtta.calibration import CalibrationError
+    from streamtta.models.registry import ModelSpecError
+    from streamtta.signals import Interrupted, on_signals
+    from streamtta.stream.kafka.errors import BrokerUnavailable, CommitError, DeliveryError, MissingTopicError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0))
+    usage = (ConfigError, FileNotFoundError, ModelSpecError, CalibrationError)
+    try:
+        with on_signals():  # a signal before an engine runs stops the command (see the module doc)
+            return int(args.func(args) or 0)
+    except (*usage, BrokerUnavailable, MissingTopicError, CommitError, DeliveryError) as e:
+        print(f"streamtta: {e}", file=sys.stderr)
+        return 2 if isinstance(e, usage) else 1
+    except Interrupted as e:
+        print(f"streamtta: stopped by {e.args[0].name}", file=sys.stderr)
+        return 128 + int(e.args[0])
