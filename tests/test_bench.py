@@ -87,3 +87,17 @@ def test_bench_plots_accuracy_around_shifts(tmp_path, capsys):
     assert "no shift plot" in capsys.readouterr().out and not png.exists()
     assert main(args + ["--limit", "2560"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_soak_prints_memory_figures_of_a_bounded_run(tmp_path, capsys):
+    import json
+
+    from streamtta import cli
+
+    out = tmp_path / "soak.json"
+    assert cli.main(["bench", "--soak", "600", "--stream-ids", "30", "--set", "engine.max_states=8",
+                     "--json", str(out), "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    assert r["records"] == r["predictions"] == 600 and r["max_states"] == 8 and r["evicted"] > 0
+    assert r["rss_after_warmup_mb"] > 0 and len(r["rss_samples"]) == 20
+    assert json.loads(capsys.readouterr().out)["records"] == 600

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_produce)
 
     b = sub.add_parser("bench", help="run methods side by side on identical streams")
-    b.add_argument("scenarios", nargs="+")
+    b.add_argument("scenarios", nargs="*", help="scenario names or files (none with --soak)")
     b.add_argument("--methods", default="source,bn", help="comma-separated adapter specs")
     b.add_argument("--seeds", default="1", help="comma-separated seeds")
     b.add_argument("--json", type=Path, help="write results JSON here")
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cost", action="store_true",
                    help="measure compute cost instead: plain forward vs adapter step vs scoring, per batch (ms)")
     b.add_argument("--cost-samples", type=int, default=2048, help="samples per scenario for --cost")
+    b.add_argument("--soak", type=int, metavar="N",
+                   help="memory soak instead: N generated sensor records through the engine (checkpoints, "
+                        "spooled run log), resident memory sampled; prints JSON (also to --json)")
+    b.add_argument("--stream-ids", type=int, default=1, help="stream ids of the --soak records (state per id)")
     b.add_argument("--metrics", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                    help="table columns (metric names of metrics.summarize), e.g. acc,auroc,fpr95")
     add_config_flags(b, BENCH_FLAGS)

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from streamtta.cli.common import resolve_config
+from streamtta.config import ConfigError
 from streamtta.cli.summary import print_summary
 
 
@@ -39,6 +40,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from streamtta.bench import parse_variant, run_bench, scorer_variants
 
     cfg = resolve_config(args)
+    if args.soak:
+        from streamtta.soak import main as soak_main
+
+        extra = ["--json", str(args.json)] if args.json else []
+        return soak_main(["--records", str(args.soak), "--stream-ids", str(args.stream_ids),
+                          "--every", str(max(args.soak // 20, 1)), "--max-states", str(cfg.engine.max_states),
+                          *extra, *([] if cfg.run.progress else ["--no-progress"])])
+    if not args.scenarios:
+        raise ConfigError("bench needs at least one scenario (or --soak N)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [parse_variant(v) for v in args.variants]
