@@ -79,7 +79,9 @@ class Engine:
         self.failed: BaseException | None = None
         # the input shape: configured, else the model's or its source data's, else the first record's
         shape = cfg.engine.expected_shape or pipeline.blueprint.input_shape
-        self.limits = DecodeLimits(max_bytes=cfg.engine.max_record_bytes, expected_shape=tuple(shape) if shape else None)
+        names = cfg.engine.feature_names
+        self.limits = DecodeLimits(max_bytes=cfg.engine.max_record_bytes, expected_shape=tuple(shape) if shape else None,
+                                   feature_names=tuple(names) if names else None)
         source.on_revoke(self._on_revoke)
 
     # -- streams ---------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def build_pipeline(cfg: Config, model: torch.nn.Module | None = None, meta: Any 
                    calibration: Any = None, labels: str | None = None) -> Pipeline:
     """The template pipeline of a run: model from ``cfg.model.source`` unless given, fitted on
 
-    1. ``calibration`` (a data file, a calibration file or arrays: :meth:`Pipeline.calibrate`), else
+    1. ``calibration`` (else ``model.calibration``: a data file, a calibration file or arrays:
+       :meth:`Pipeline.calibrate`), else
     2. the model's calibration file when one exists next to it
        (:func:`~streamtta.calibration.default_calibration_path`; refused if made for other weights), else
     3. the model's own source data when it has streamtta metadata (built-in models), else
@@ -126,6 +127,7 @@ def build_pipeline(cfg: Config, model: torch.nn.Module | None = None, meta: Any 
     if model is None:
         model, meta = load_source_model(cfg)
     pipe = Pipeline.from_config(cfg, model, meta)
+    calibration = cfg.model.calibration if calibration is None else calibration
     if calibration is None and cfg.model.source is not None:
         found = default_calibration_path(cfg.model.source, cfg.model.state_dict)
         if found.is_file():

@@ -207,3 +207,33 @@ def test_build_pipeline_finds_the_calibration_file_next_to_the_weights(tmp_path)
         build_pipeline(cfg, model=_net(3))
     inline = build_pipeline(cfg, model=_net(3), calibration=_blobs(100)[0])  # explicit data win over the file
     assert inline.calibrated and not inline.calibration.labelled
+
+
+def test_config_fields_name_the_calibration_and_the_json_feature_order(tmp_path):
+    """``model.calibration`` calibrates like ``--calibrate-from``; ``engine.feature_names`` orders object rows."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from streamtta.config import load_config
+    from streamtta.engine import Engine, Outputs
+    from streamtta.runner import build_pipeline
+    from streamtta.stream.memory import MemoryDeadLetter, MemorySink, MemorySource
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (300, 3)).astype(np.float32)
+    np.savez(tmp_path / "src.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    cfg = load_config(overrides={"model": {"calibration": str(tmp_path / "src.npz")},
+                                 "engine": {"feature_names": ["c", "a", "b"], "batch_size": 4},
+                                 "kafka": {"stop_at_end": True, "poll_timeout_s": 0.001}}, env=False)
+    pipe = build_pipeline(cfg, net.eval())
+    assert pipe.calibrated
+    rows = [json.dumps({"stream_id": "s", "features": {"a": 1.0, "b": 2.0, "c": 3.0}}).encode()] * 4
+    out = Outputs(predictions=MemorySink(), alerts=[], dlq=MemoryDeadLetter())
+    eng = Engine(cfg, MemorySource(rows), out, pipe)
+    assert eng.limits.feature_names == ("c", "a", "b")
+    eng.run()
+    assert len(out.predictions.values) == 4 and not out.dlq.records

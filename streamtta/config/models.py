@@ -65,6 +65,8 @@ class ModelConfig(Section):
                                                  "unset = the scenario's model, else 'digits-resnet'.")
     state_dict: str | None = Field(None, description="State dict for 'module:factory' models (loaded weights_only).")
     num_classes: int | None = Field(None, ge=2, description="Needed only for models without streamtta metadata.")
+    calibration: str | None = Field(None, description="Calibration data or file (npz/npy/csv/parquet, or a "
+                                                      "'.calib.npz'); unset = the file next to the model, if any.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
 
 
@@ -142,6 +144,9 @@ class EngineConfig(Section):
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint (and then commit) every N batches.")
     max_record_bytes: int = Field(16 * 1024 * 1024, ge=64, description="Larger records are dead-lettered.")
     expected_shape: list[int] | None = Field(None, description="Reject payloads of another shape (default: model's).")
+    feature_names: list[str] | None = Field(None, description="Feature order of JSON rows whose 'features' is an "
+                                            "object (default: the calibration data's column names, else sorted "
+                                            "by key name).")
     seed: int = Field(0, description="Seed of adapters, scenario streams and replays.")
     record_log: bool = Field(True, description="Keep per-batch records for metrics and plots.")
     max_states: int = Field(1024, ge=1, description="Per-stream states kept in memory (least recently used "
