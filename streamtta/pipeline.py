@@ -167,12 +167,20 @@ class Pipeline:
             raise RuntimeError("the number of classes is not known yet: call fit_source() or process() first")
         return self._parts
 
+    @staticmethod
+    def _input_error(x: torch.Tensor, e: Exception) -> str:
+        return (f"the model cannot take input of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0][:200]} "
+                f"(a label column left among the features? name it with labels= / --labels)")
+
     def _probe(self, x: torch.Tensor) -> None:
         """Learn the number of classes from one forward pass when nobody said it."""
         if self.blueprint.classes:
             return
         with torch.no_grad():
-            out = self.blueprint.model(x[: max(2, min(len(x), 8))])
+            try:
+                out = self.blueprint.model(x[: max(2, min(len(x), 8))])
+            except RuntimeError as e:
+                raise ValueError(self._input_error(x, e)) from None
         out = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise ValueError(f"cannot infer the number of classes: the model returned {type(out).__name__} "
@@ -208,7 +216,13 @@ class Pipeline:
         else:
             d = as_data(data, y)
         x = torch.from_numpy(d.x)
-        self._probe(x)
+        try:
+            self._probe(x)
+            with torch.no_grad():
+                self.blueprint.model(x[:2])
+        except (ValueError, RuntimeError) as e:
+            msg = str(e) if isinstance(e, ValueError) else self._input_error(x, e)
+            raise CalibrationError(f"{d.source}: {msg}") from None
         foreign = sorted(set(np.unique(d.y).tolist()) - set(self.classes)) if d.y is not None else []
         if foreign:
             raise CalibrationError(f"{d.source}: labels {foreign} are not classes of the model "

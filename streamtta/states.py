@@ -6,8 +6,8 @@ bounded LRU table, checkpointed, restored on demand, and checked against the top
   from it when their key comes back. Between two checkpoints (``engine.checkpoint_every`` batches) the
   table can exceed the bound by the keys first seen in those batches. Without a checkpoint store nothing
   is evicted (an evicted state could not come back).
-* **Restored safely**: a checkpoint that cannot be loaded as plain data, or that another model or
-  adapter/scorer/monitor configuration made (its :func:`~streamtta.fingerprint.fingerprint` differs), or
+* **Restored safely**: a checkpoint that cannot be loaded as plain data, or that another model,
+  adapter/scorer/monitor configuration or calibration made (its :func:`~streamtta.fingerprint.fingerprint` differs), or
   that does not fit this pipeline, is moved aside (``*.rejected``) and the stream starts fresh, with a
   ``state_rejected`` alert: never a crash, never a silent skip.
 * **Topic incarnation**: a checkpoint records, per partition, the next offset it covers and the offset
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 from streamtta.alerts import Alert, AlertKind, OffsetRange, Severity
 from streamtta.checkpoints import CheckpointError, CheckpointStore
-from streamtta.fingerprint import fingerprint
+from streamtta.fingerprint import calibration_token, fingerprint
 from streamtta.pipeline import Pipeline
 from streamtta.records import state_rejected_alert
 from streamtta.stream.base import TopicPartition
@@ -110,7 +110,7 @@ class StateTable:
         self.end_offset = end_offset
         self.evicted = self.restored = 0
         #: what made the states of this table (model weights + adapter/scorer/monitor configuration)
-        self.fingerprint = fingerprint(template.blueprint.model, template.cfg)
+        self.fingerprint = fingerprint(template.blueprint.model, template.cfg, calibration_token(template))
         self._states: OrderedDict[str, StreamState] = OrderedDict()
         self._warned = False
 
@@ -144,8 +144,8 @@ class StateTable:
             saved = self.store.load(key) if self.store is not None else None
             if saved is not None:
                 if saved.get("fingerprint") != self.fingerprint:
-                    raise CheckpointError(f"checkpoint {self.store.path(key)} was made by another model or "
-                                          f"adapter/scorer/monitor configuration (fingerprint "
+                    raise CheckpointError(f"checkpoint {self.store.path(key)} was made by another model, "
+                                          f"adapter/scorer/monitor configuration or calibration (fingerprint "
                                           f"{saved.get('fingerprint')!r}, this run {self.fingerprint!r})")
                 try:
                     st.load_state_dict(saved)

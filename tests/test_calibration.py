@@ -237,3 +237,26 @@ def test_config_fields_name_the_calibration_and_the_json_feature_order(tmp_path)
     assert eng.limits.feature_names == ("c", "a", "b")
     eng.run()
     assert len(out.predictions.values) == 4 and not out.dlq.records
+
+
+def test_a_label_column_left_among_the_features_is_a_clear_error(tmp_path):
+    x, y = _blobs(60)
+    path = tmp_path / "clean.csv"
+    rows = ["f0,f1,f2,f3,state"] + [",".join(map(str, [*xi.tolist(), int(yi)])) for xi, yi in zip(x, y)]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(CalibrationError, match=r"cannot take input of shape \(5,\).*--labels"):
+        streamtta.Pipeline(_net(), num_classes=3).calibrate(path)
+    streamtta.Pipeline(_net()).calibrate(path, labels="state")  # named: fine
+
+
+def test_cli_user_errors_exit_2_without_a_traceback(tmp_path, monkeypatch, capsys):
+    from streamtta import cli
+
+    monkeypatch.chdir(tmp_path)
+    x, y = _blobs(60)
+    np.savez("clean.npz", x=x, y=y)
+    torch.jit.trace(_net(), torch.from_numpy(x[:4])).save("m.trace.pt")
+    # a spec that cannot run on a traced model (its BatchNorm is frozen in eval mode by the trace)
+    assert cli.main(["calibrate", "--model", "m.trace.pt", "--data", "clean.npz", "--adapter", "unmix-tns"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run on this TorchScript model" in err and "Traceback" not in err

@@ -197,6 +197,10 @@ class ScriptedModel(nn.Module):
         self.use_source_stats = False
         #: None: not checked yet; True / False: whether forward_features + last Linear gives the logits
         self.split_features: bool | None = None if hasattr(net, "forward_features") else False
+        if not self.split_features and self.split_features is not None:
+            warnings.warn("this TorchScript model exports no forward_features(): OOD is scored on its logits, "
+                          "which separates unknowns much worse; decorate a forward_features method with "
+                          "@torch.jit.export (the last Linear applied to it must give the logits)", stacklevel=3)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "ScriptedModel":
         """As ``copy.deepcopy`` of a module, with the TorchScript module copied by :func:`copy_script`."""

@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", 0))
-    usage = (ConfigError, FileNotFoundError, ModelSpecError, CalibrationError)
+    from streamtta.adapters.grammar import SpecError
+
+    usage = (ConfigError, FileNotFoundError, ModelSpecError, CalibrationError, SpecError)
     try:
         with on_signals():  # a signal before an engine runs stops the command (see the module doc)
             return int(args.func(args) or 0)

@@ -68,7 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from streamtta.simulations.scenario import build_stream
 
         stream = build_stream(scenario, cfg.engine.seed)
-    pipeline = runner.build_pipeline(cfg, calibration=args.calibrate_from, labels=args.labels)
+    if args.calibrate_from:  # recorded in the run's config.toml / manifest.json
+        cfg.model.calibration = str(args.calibrate_from)
+    pipeline = runner.build_pipeline(cfg, labels=args.labels)
     run_dir = runner.new_run_dir(cfg.run.output_dir)  # once the model loaded and calibrated
     if cfg.engine.checkpoint_dir == Path(".streamtta/checkpoints") and not cfg.kafka.bootstrap_servers:
         cfg.engine.checkpoint_dir = run_dir / "checkpoints"  # fresh embedded broker: fresh state

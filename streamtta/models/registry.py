@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -186,6 +187,9 @@ def load_model(
             model, meta = load_checkpoint(path, map_location)
     elif _FACTORY_RE.match(text):
         model, meta = _from_factory(text).to(map_location), None
+        if state_dict is None:
+            warnings.warn(f"model {text!r}: a factory without state_dict= / --state-dict runs the weights the "
+                          f"factory makes (random unless it loads trained ones itself)", stacklevel=2)
     elif path.suffix or os.sep in text or "/" in text:
         raise FileNotFoundError(f"model file {text!r} does not exist")
     else:

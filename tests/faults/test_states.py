@@ -135,7 +135,7 @@ def test_a_checkpoint_of_another_adapter_or_model_starts_the_stream_fresh_with_a
     # nothing skipped (the old offsets belong to the old state), nothing crashed, one alert
     assert [d["offset"] for d in out.predictions.values] == list(range(160)) and eng.skipped == 0
     rejected = [a for a in out.alerts[0].values if a["kind"] == "state_rejected"]
-    assert len(rejected) == 1 and "another model or adapter" in rejected[0]["evidence"]["error"]
+    assert len(rejected) == 1 and "another model, adapter" in rejected[0]["evidence"]["error"]
     assert list(store.directory.glob("*.rejected")) and eng.batch_index["t:0"] == 10
     # the new run's checkpoint is the one restored next time (read again from offset 0: a group reset)
     eng, _, out = run(other_cfg, other, rows(160), store)
@@ -147,3 +147,27 @@ def test_checkpoints_are_kept_per_consumer_group(tmp_path):
     b = CheckpointStore(tmp_path, namespace="group-b")
     a.save("t:0", {"n": 1})
     assert a.load("t:0") == {"n": 1} and b.load("t:0") is None and a.directory != b.directory
+
+
+def test_a_checkpoint_of_an_uncalibrated_run_is_not_restored_into_a_calibrated_one(tmp_path):
+    """The calibration is part of the fingerprint: scorer memories of one calibration (or none) never
+    replace those of another (this crashed with 'ContrastScorer is not fitted')."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(18, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 7)).eval()
+    split = load_river_split("segment")
+    cfg = make_cfg(tmp_path / "ck")
+    store = CheckpointStore(cfg.engine.checkpoint_dir)
+    bare = build_pipeline(cfg, net)
+    assert not bare.calibrated
+    run(cfg, bare, rows(64), store)
+    calibrated = build_pipeline(cfg, net)
+    calibrated.calibrate(split.x_train[:400], split.y_train[:400])
+    eng, _, out = run(cfg, calibrated, rows(96), store)
+    assert len(out.predictions.values) == 96
+    rejected = [a for a in out.alerts[0].values if a["kind"] == "state_rejected"]
+    assert len(rejected) == 1 and "calibration" in rejected[0]["evidence"]["error"]
+    other = build_pipeline(cfg, net)
+    other.calibrate(split.x_train[400:800], split.y_train[400:800])  # another calibration: fresh again
+    _, _, out = run(cfg, other, rows(96), store)
+    assert [a["kind"] for a in out.alerts[0].values].count("state_rejected") == 1
