@@ -118,7 +118,13 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {p} cannot be loaded as plain data: {str(e).splitlines()[0][:300]}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
             raise CheckpointError(f"checkpoint {p} is not a {FORMAT} v{VERSION} file")
-        return from_plain(payload["state"])
+        try:
+            state = from_plain(payload["state"])
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {p} holds no valid state: {type(e).__name__}: {str(e)[:200]}") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {p} holds no valid state: {type(state).__name__}, not a mapping")
+        return state
 
     def reject(self, key: str) -> Path:
         """Move a bad checkpoint aside (``*.rejected``) so that the stream can start fresh."""

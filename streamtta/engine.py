@@ -59,10 +59,7 @@ class Engine:
         self.cfg = cfg
         self.source = source
         self.outputs = outputs
-        self.template = pipeline
-        self.store = store
-        self.runlog = runlog
-        self.on_batch = on_batch
+        self.template, self.store, self.runlog, self.on_batch = pipeline, store, runlog, on_batch
         self.states = StateTable(pipeline, store, max_states=cfg.engine.max_states, alert=self._emit_alert,
                                  end_offset=getattr(source, "end_offset", None))
         self.stop_event = threading.Event()
@@ -201,7 +198,7 @@ class Engine:
             st = self.states.get(key, items[0][0])
             held = self.states.admit(st, items)
             if held:  # predictions its checkpoint held: written now, recorded as written by the next one
-                self._write_predictions(st, held)
+                self._write_predictions(st, held, commit=False)  # committed once their records come again
                 self._dirty.add(key)
                 log.info("wrote %d held predictions of %s from its checkpoint", len(held), key)
             fresh = [(r, s) for r, s in items if r.offset >= st.next_offsets.get((r.topic, r.partition), -1)]
@@ -231,16 +228,18 @@ class Engine:
             self._emit(st, done)
 
     # -- outputs ---------------------------------------------------------------------------------
-    def _write_predictions(self, st: StreamState, docs: list[dict[str, Any]]) -> None:
-        """Write prediction records; their offsets become done (skipped if delivered again) and committable."""
+    def _write_predictions(self, st: StreamState, docs: list[dict[str, Any]], commit: bool = True) -> None:
+        """Write prediction records; their offsets become done (skipped if delivered again) and, with
+        ``commit``, committable (not a checkpoint's held ones: other streams' records before them may be unread)."""
         psink = self.outputs.predictions
         for doc in docs:
             point("predictions")
             if psink is not None:
                 psink.write(doc["stream_id"], doc)
-            tp = (doc["topic"], doc["partition"])
-            st.next_offsets[tp] = max(st.next_offsets.get(tp, -1), doc["offset"] + 1)
-            self._pending_commit[tp] = max(self._pending_commit.get(tp, -1), doc["offset"] + 1)
+            tp, nxt = (doc["topic"], doc["partition"]), doc["offset"] + 1
+            st.next_offsets[tp] = max(st.next_offsets.get(tp, -1), nxt)
+            if commit:
+                self._pending_commit[tp] = max(self._pending_commit.get(tp, -1), nxt)
 
     def _emit(self, st: StreamState, res: BatchResult) -> None:
         """Write a final result's predictions and run-log record; its offsets become committable."""

@@ -315,7 +315,8 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("kind", ["pickle", "truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "garbage", "bad-array", "list-state", "no-state",
+                                  "no-fingerprint"])
 def test_bad_checkpoint_is_moved_aside_never_executed_and_the_stream_starts_fresh(tmp_path, model_meta, kind):
     import pickle
 
@@ -329,8 +330,12 @@ def test_bad_checkpoint_is_moved_aside_never_executed_and_the_stream_starts_fres
         path.write_bytes(pickle.dumps({"pipeline": _Exploit(marker)}))
     elif kind == "truncated":
         path.write_bytes(path.read_bytes()[:200])
-    else:
+    elif kind == "garbage":
         path.write_bytes(b"\x00garbage" * 50)
+    else:  # well-formed files with a crafted payload
+        head = {"format": "streamtta.checkpoint", "version": 2}
+        state = {"bad-array": {"__ndarray__": "x"}, "list-state": [1, 2], "no-fingerprint": {"n": 1}}.get(kind)
+        torch.save({**head, **({} if kind == "no-state" else {"state": state})}, path)
     eng, out = make_engine(cfg, MemorySource(digit_values(64), topic="t"), build_pipeline(cfg, *model_meta),
                            store=store)
     eng.run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,6 +13,9 @@ from typing import Any
 from streamtta.cli.common import console, resolve_config
 from streamtta.cli.summary import print_summary
 from streamtta.config import ConfigError, deep_merge
+from streamtta.signals import on_signals
+
+log = logging.getLogger("streamtta")
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -38,9 +42,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenario's is named (``--model`` / ``model.source``): then the run consumes the topic as it is (the
     scenario's records would not fit that model)."""
     from streamtta import runner
-    from streamtta.calibration import describe
-    from streamtta.metrics import summarize
-    from streamtta.reports import plot_run, run_title
     from streamtta.stream.kafka.admin import wait_for_broker
     from streamtta.stream.kafka.settings import client_settings
 
@@ -78,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"[bold]streamtta run[/] -> {run_dir}")
     runner.write_manifest(run_dir, cfg, seed=cfg.engine.seed, stream=stream.describe() if stream else None)
 
+    finishing = ExitStack()  # once the engine is done, a signal no longer stops the results being written
     with ExitStack() as stack:
         bootstrap = cfg.kafka.bootstrap_servers
         if not bootstrap:
@@ -95,6 +97,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = runner.consume(cfg, bootstrap, pipeline=pipeline, run_dir=run_dir,
                                 total=len(stream) if stream is not None else None, progress=progress,
                                 max_records=args.max_records)
+        finishing.enter_context(on_signals(_results_first))
+    with finishing:
+        return _write_results(args, cfg, k, pipeline, result, stream, scenario, run_dir)
+
+
+def _results_first(signum: int, frame: Any) -> None:
+    log.warning("signal %d: the engine has stopped; writing the results first", signum)
+
+
+def _write_results(args: argparse.Namespace, cfg: Any, k: Any, pipeline: Any, result: Any, stream: Any,
+                   scenario: Any, run_dir: Path) -> int:
+    """metrics.json, runlog.json, the plot and the summary of a finished (or stopped) run."""
+    from streamtta import runner
+    from streamtta.calibration import describe
+    from streamtta.metrics import summarize
+    from streamtta.reports import plot_run, run_title
+
     runlog = result.log
     result.stats["calibration"] = describe(pipeline)
     if stream is not None:

@@ -50,6 +50,21 @@ class KafkaConfig(Section):
     create_topics: bool = Field(False, description="Create missing input/output topics (the embedded broker "
                                                    "always does); otherwise a missing input topic is an error.")
 
+    @field_validator("security", "consumer", "producer", mode="before")
+    @classmethod
+    def _flatten(cls, v: Any) -> Any:
+        """librdkafka names hold dots: ``{"sasl": {"password": "x"}}`` (a TOML table, or the environment's
+        ``STREAMTTA_KAFKA__SECURITY__SASL__PASSWORD``) is the setting ``sasl.password``."""
+        if not isinstance(v, dict):
+            return v
+        flat: dict[str, Any] = {}
+        for k, val in v.items():
+            if isinstance(val, dict):
+                flat.update({f"{k}.{kk}": vv for kk, vv in cls._flatten(val).items()})
+            else:
+                flat[str(k)] = val
+        return flat
+
     def resolved_dlq_topic(self) -> str:
         return self.dlq_topic or f"{self.topic}.dlq"
 

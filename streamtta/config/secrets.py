@@ -144,6 +144,11 @@ def redacted_config(cfg: Any) -> dict[str, Any]:
     return redact(cfg.to_dict(), secret_values(cfg))
 
 
+#: Secret values shorter than this are not masked inside free text (a one-letter user name would blank out
+#: that letter everywhere); under their keys they are always redacted.
+MIN_MASKED_CHARS = 4
+
+
 def secret_values(obj: Any) -> set[str]:
     """Every non-empty string (or number, as text) held under a secret key anywhere in ``obj``: a
     :class:`~streamtta.config.Config` (or anything with ``to_dict``/``model_dump``) or nested dicts/lists.
@@ -164,8 +169,8 @@ def secret_values(obj: Any) -> set[str]:
         elif isinstance(o, (list, tuple)):
             for v in o:
                 walk(v, secret)
-        elif secret and o is not None and not isinstance(o, bool) and str(o):
-            out.add(str(o))
+        elif secret and o is not None and not isinstance(o, bool) and len(str(o)) >= MIN_MASKED_CHARS:
+            out.add(str(o))  # shorter values are still redacted by key, but not searched for in free text
 
     walk(obj, False)
     return out

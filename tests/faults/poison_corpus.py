@@ -95,6 +95,11 @@ def build_corpus(n_features: int = 18) -> list[Poison]:
         ("float_1e400_row", row('{"stream_id": "p", "features": [1e400]}'),
          r"number '1e400' is out of the float64 range"),
         ("float_1e300_row", rw(features=[1e300] * n_features), r"non-finite values \(0 NaN, %d Inf\)" % n_features),
+        # finite but huge: float32 sums and squares of normalisation would overflow (a whole batch's outputs)
+        ("float_3e38_row", rw(features=[3e38] * n_features), r"beyond max_abs=1e\+15"),
+        ("float_1e20_row", rw(features=[1e20] * n_features), r"beyond max_abs=1e\+15"),
+        ("int64_2_62_tensor", envelope({**hdr, "dtype": "int64"}, np.full(n_features, 2**62, "<i8").tobytes()),
+         r"beyond max_abs=1e\+15"),
         # empty and unrecognisable values
         ("empty_value", b"", r"record value is empty \(0 bytes\)"),
         ("tombstone", None, r"null/tombstone"),

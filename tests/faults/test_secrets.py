@@ -192,7 +192,8 @@ def test_redact_nested_values_lists_and_known_strings_without_touching_the_input
     assert obj == orig
     assert out == {"a": [{"sasl.password": MARKER, "n": 1}, {"inner": {"SSL_KEY": MARKER}}],
                    "ssl.key.password": None, "note": f"uses {MARKER} somewhere", "argv": ("--set", f"k.secret={MARKER}")}
-    assert secret_values(obj) == {"x1", "x2"}  # "k.secret=x4" is a plain string value, not under a secret key
+    assert secret_values(obj) == set()  # under secret keys but too short to search for in free text
+    assert secret_values({"sasl.password": "x1-long", "k": "k.secret=x4-long"}) == {"x1-long"}
 
 
 def test_redact_argv_and_text_forms():
@@ -205,3 +206,21 @@ def test_redact_argv_and_text_forms():
                    "--topic", "t", "--set", "engine.batch_size=8", "--bootstrap-servers", "host:9092"]
     assert redact_text('{"sasl.password": "q w", "acks": "all"}') == f'{{"sasl.password": "{MARKER}", "acks": "all"}}'
     assert redact_text("nothing to hide: batch_size=3 topic=t") == "nothing to hide: batch_size=3 topic=t"
+
+
+def test_nested_security_settings_flatten_and_errors_never_echo_a_secret(monkeypatch, capsys):
+    from streamtta.config import ConfigError, load_config
+
+    monkeypatch.setenv("STREAMTTA_KAFKA__SECURITY__SASL__PASSWORD", PW)  # the env form of a dotted name
+    assert load_config(overrides={}).kafka.security == {"sasl.password": PW}
+    monkeypatch.delenv("STREAMTTA_KAFKA__SECURITY__SASL__PASSWORD")
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides={"kafka": {"security": {"sasl.password": [PW]}}}, env=False)
+    assert PW not in str(e.value) and "***" in str(e.value)
+
+
+def test_short_secret_values_are_not_masked_inside_words(caplog):
+    from streamtta.config.secrets import MIN_MASKED_CHARS, secret_values
+
+    values = secret_values({"kafka": {"security": {"sasl.username": "u", "sasl.password": PW}}})
+    assert values == {PW} and len(PW) >= MIN_MASKED_CHARS

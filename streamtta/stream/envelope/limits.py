@@ -38,6 +38,9 @@ class DecodeLimits:
         ``(None, 8)`` accepts any ``(T, 8)`` window.
     allow_nonfinite
         Accept NaN/Inf values (default False: such records are dead-lettered).
+    max_abs
+        Largest accepted magnitude of a value (default 1e15; ``None`` = any finite value). Larger finite
+        values overflow the float32 sums and squares of normalisation, so such records are dead-lettered.
     schema_versions
         Envelope / row schema versions this reader understands.
     feature_names
@@ -70,6 +73,7 @@ class DecodeLimits:
     allowed_dtypes: frozenset[str] = DEFAULT_DTYPES
     expected_shape: tuple[int | None, ...] | None = None
     allow_nonfinite: bool = False
+    max_abs: float | None = 1e15
     schema_versions: frozenset[int] = frozenset({SCHEMA_VERSION})
     feature_names: tuple[str, ...] | None = None
     max_header_bytes: int = 64 * 1024
@@ -85,6 +89,8 @@ class DecodeLimits:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"DecodeLimits.{name} must be a positive int, got {v!r}")
+        if self.max_abs is not None and not (isinstance(self.max_abs, (int, float)) and self.max_abs > 0):
+            raise ValueError(f"DecodeLimits.max_abs must be a positive number or None, got {self.max_abs!r}")
         dtypes = frozenset(str(d) for d in self.allowed_dtypes)
         bad = sorted(dtypes - DEFAULT_DTYPES)
         if bad or not dtypes:
@@ -124,6 +130,7 @@ def check_shape(shape: tuple[int, ...], limits: DecodeLimits, sid: str) -> None:
 
 
 def check_finite(x: np.ndarray, limits: DecodeLimits, sid: str) -> None:
+    _check_magnitude(x, limits, sid)
     if limits.allow_nonfinite:
         return
     finite = np.isfinite(x)
@@ -132,3 +139,13 @@ def check_finite(x: np.ndarray, limits: DecodeLimits, sid: str) -> None:
         n_inf = int(x.size - finite.sum()) - n_nan
         raise DecodeError(f"stream {sid!r}: tensor has non-finite values ({n_nan} NaN, {n_inf} Inf) and "
                           f"allow_nonfinite=False (values beyond the float32 range become Inf)")
+
+
+def _check_magnitude(x: np.ndarray, limits: DecodeLimits, sid: str) -> None:
+    if limits.max_abs is None or not x.size:
+        return
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(x) & (np.abs(x) > limits.max_abs)
+    if big.any():
+        raise DecodeError(f"stream {sid!r}: {int(big.sum())} value(s) beyond max_abs={limits.max_abs:g} "
+                          f"(largest {float(np.abs(x[big]).max()):.3g}); such values overflow float32 statistics")
