@@ -150,11 +150,12 @@ MIN_MASKED_CHARS = 4
 
 
 def secret_values(obj: Any) -> set[str]:
-    """Every non-empty string (or number, as text) held under a secret key anywhere in ``obj``: a
-    :class:`~streamtta.config.Config` (or anything with ``to_dict``/``model_dump``) or nested dicts/lists.
+    """Every string (or number, as text) of at least :data:`MIN_MASKED_CHARS` characters held under a secret
+    key anywhere in ``obj``: a :class:`~streamtta.config.Config` (or anything with ``to_dict``/``model_dump``)
+    or nested dicts/lists. These are the values masked inside free text (log lines).
 
-    >>> sorted(secret_values({"kafka": {"security": {"sasl.password": "pw", "sasl.mechanism": "PLAIN"}}}))
-    ['pw']
+    >>> sorted(secret_values({"kafka": {"security": {"sasl.password": "hunter2", "sasl.mechanism": "PLAIN"}}}))
+    ['hunter2']
     """
     if hasattr(obj, "to_dict"):
         obj = obj.to_dict()
