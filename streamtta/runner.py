@@ -331,6 +331,7 @@ def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, ru
         runlog.peak_rss_mb = peak_rss_mb()
         runlog.dead_letters = engine.dead_letters
     stats = engine_stats(engine, wall, started_at=t0, ended_at=t1)
+    stats["group_id"], stats["topic"] = k.group_id, k.topic
     if signals:
         stats["stopped_by"] = signal.Signals(signals[0]).name
     # engine <-> source callbacks form a cycle: collect it now so the producer/consumer handles close

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamtta.calibration import CalibrationError
     from streamtta.models.registry import ModelSpecError
     from streamtta.signals import Interrupted, on_signals
+    from streamtta.stream.broker import BrokerStartError
     from streamtta.stream.kafka.errors import BrokerUnavailable, CommitError, DeliveryError, MissingTopicError
 
     parser = build_parser()
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with on_signals():  # a signal before an engine runs stops the command (see the module doc)
             return int(args.func(args) or 0)
-    except (*usage, BrokerUnavailable, MissingTopicError, CommitError, DeliveryError) as e:
+    except (*usage, BrokerUnavailable, BrokerStartError, MissingTopicError, CommitError, DeliveryError) as e:
         print(f"streamtta: {e}", file=sys.stderr)
         return 2 if isinstance(e, usage) else 1
     except Interrupted as e:

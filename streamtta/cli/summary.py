@@ -43,6 +43,10 @@ def print_summary(summary: dict[str, Any], stats: dict[str, Any], run_dir: Path 
     out.print(t)
     if uncalibrated:
         out.print(f"[bold yellow]OOD flags:[/] {calibration}")
+    if not stats.get("records") and stats.get("group_id"):
+        out.print(f"[bold yellow]Nothing consumed:[/] consumer group {stats['group_id']!r} has already read "
+                  f"{stats.get('topic', 'the topic')!r} to its end (committed offsets); a new --group-id reads "
+                  f"it again from the start")
 
 
 def fmt(v: Any) -> str | None:

@@ -181,6 +181,9 @@ class EmbeddedBroker:
             log_dir = Path(self._tmpdir)
         self.log_path = log_dir / "broker.log"
         fixed_port = self.port is not None
+        if fixed_port and not _port_free(self.host, int(self.port)):
+            raise BrokerStartError(f"port {self.port} on {self.host} is already in use (another broker?); pick "
+                                   f"another --port, or leave it out for a free one")
         attempts = 1 if fixed_port else 3
         last: BrokerStartError | None = None
         for _ in range(attempts):
@@ -309,3 +312,13 @@ def serve(port: int | None = None, *, say: Callable[[str], Any] = print) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port`` (a bind succeeds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

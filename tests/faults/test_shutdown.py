@@ -132,3 +132,27 @@ def test_run_signal_stops_engine_then_broker_then_writes_results(tmp_path, sig):
     offsets = sorted(o for b in runlog["batches"] for o in b["offsets"])
     assert offsets == list(range(stats["samples"])), "every consumed record finished, in order, none held back"
     assert (run_dir / "run.png").exists()
+
+
+def test_broker_command_on_a_busy_port_says_so(capsys):
+    from streamtta import cli
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["broker", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "Traceback" not in err
+
+
+def test_a_run_that_consumed_nothing_says_why(monkeypatch):
+    from rich.console import Console
+
+    import streamtta.cli.summary as summary_mod
+
+    rec = Console(record=True, width=200)
+    monkeypatch.setattr(summary_mod, "console", lambda: rec)
+    summary_mod.print_summary({}, {"records": 0, "samples": 0, "group_id": "g1", "topic": "sensors"}, None)
+    text = rec.export_text()
+    assert "consumer group 'g1' has already read 'sensors' to its end" in text and "--group-id" in text
