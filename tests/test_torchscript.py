@@ -242,9 +242,16 @@ def test_features_of_exported_models(models, tmp_path) -> None:
     assert out.features.shape == (32, 16)  # forward_features: the classifier's input
     eager = _build("bn+tent", net)
     torch.testing.assert_close(out.features, eager.step(_shifted(1)).features, rtol=1e-4, atol=1e-4)
-    plain = nn.Sequential(*net.body, net.fc).eval()  # no forward_features: the logits stand in
+    plain = nn.Sequential(*net.body, net.fc).eval()  # no forward_features: the Sequential's own layers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         compiled_forms = (torch.jit.script(plain), torch.jit.trace(plain, _source(4)[0]))
-    for compiled in compiled_forms:
-        assert _build("source", compiled).step(_shifted(1)).features.shape == (32, NUM_CLASSES)
+    want = _build("source", plain).step(_shifted(1)).features
+    for compiled in compiled_forms:  # the input of its last Linear, as on the eager module
+        got = _build("source", compiled).step(_shifted(1)).features
+        assert got.shape == (32, 16)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(8, NUM_CLASSES), nn.Softmax(dim=1)).eval()  # no final Linear
+    with pytest.warns(UserWarning, match="exports no forward_features"):
+        feats = build_adapter("source", torch.jit.script(other), NUM_CLASSES).step(_shifted(1)).features
+    assert feats.shape == (32, NUM_CLASSES)  # the outputs stand in

@@ -17,7 +17,8 @@ such as ``forward_features``, are scripted even in a traced module).
   source values of the affine parameters assigned for one forward;
 * features are ``forward_features(x)`` when the module exports it and its last ``Linear`` applied to
   them gives the logits (checked on the first batch; ``streamtta.models.export_torchscript`` output
-  does); otherwise the logits themselves serve as features.
+  does), or for an ``nn.Sequential`` ending in a ``Linear`` the input of that ``Linear`` (its other layers
+  run one by one); otherwise the logits themselves serve as features (with a warning).
 
 Terms per model (:func:`unsupported_norms` says which spec norms are refused):
 
@@ -195,9 +196,12 @@ class ScriptedModel(nn.Module):
         self.batch_stats = bool(batch_stats)
         self.min_batch_size = int(min_batch_size)
         self.use_source_stats = False
-        #: None: not checked yet; True / False: whether forward_features + last Linear gives the logits
-        self.split_features: bool | None = None if hasattr(net, "forward_features") else False
-        if not self.split_features and self.split_features is not None:
+        #: a TorchScript ``nn.Sequential`` ending in a Linear: its features are the input of that Linear
+        self.sequential = (not hasattr(net, "forward_features") and script_type(net) == "Sequential"
+                           and len(list(net.children())) > 1 and script_type(list(net.children())[-1]) == "Linear")
+        #: None: not checked yet; True / False: whether the features + last Linear give the logits
+        self.split_features: bool | None = None if hasattr(net, "forward_features") or self.sequential else False
+        if self.split_features is False:
             warnings.warn("this TorchScript model exports no forward_features(): OOD is scored on its logits, "
                           "which separates unknowns much worse; decorate a forward_features method with "
                           "@torch.jit.export (the last Linear applied to it must give the logits)", stacklevel=3)
@@ -221,27 +225,36 @@ class ScriptedModel(nn.Module):
                 last = m
         return last
 
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_features(x)``, or for a Sequential every layer but its last Linear."""
+        if not self.sequential:
+            return self.net.forward_features(x)
+        for m in list(self.net.children())[:-1]:
+            x = m(x)
+        return x
+
     def _check_split(self, x: torch.Tensor) -> None:
         head = self._head()
         ok = head is not None
         if ok:
             with torch.no_grad():
-                ok = bool(torch.allclose(head(self.net.forward_features(x)), self.net(x), rtol=1e-4, atol=1e-5))
+                ok = bool(torch.allclose(head(self._features(x)), self.net(x), rtol=1e-4, atol=1e-5))
         if not ok:
-            warnings.warn("this TorchScript module's forward_features() followed by its last Linear does not give "
-                          "its logits; the logits serve as features", stacklevel=4)
+            warnings.warn("this TorchScript module's features followed by its last Linear do not give its "
+                          "logits; the logits serve as features", stacklevel=4)
         self.split_features = ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split_features is None:
             self._check_split(x)
-            if not self.split_features and self.batch_stats and not honours_train_mode(self.net, "forward"):
+            via_forward = not self.split_features or self.sequential  # the BatchNorm layers run in forward()
+            if self.batch_stats and via_forward and not honours_train_mode(self.net, "forward"):
                 raise RuntimeError("bn: this TorchScript model's forward() was traced (its BatchNorm layers stay in "
-                                   "eval mode) and its forward_features() does not lead to its logits; use 'source'")
+                                   "eval mode) and no exported forward_features() leads to its logits; use 'source'")
         batch = self.batch_stats and not self.use_source_stats and x.shape[0] >= self.min_batch_size
         with _batch_statistics(script_batchnorms(self.net)) if batch else contextlib.nullcontext():
             if self.split_features:
-                return self._head()(self.features_tap(self.net.forward_features(x)))
+                return self._head()(self.features_tap(self._features(x)))
             return self.net(x)
 
 
