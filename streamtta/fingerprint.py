@@ -22,12 +22,13 @@ import torch
 __all__ = ["calibration_token", "fingerprint"]
 
 
-def fingerprint(model: torch.nn.Module, cfg: Any, calibration: str = "") -> str:
+def fingerprint(model: torch.nn.Module, cfg: Any = None, calibration: str = "") -> str:
     """16 hex digits over the model's parameters and buffers (names, shapes, dtypes, values), the
-    ``adapter``, ``scorer`` and ``monitor`` sections of ``cfg`` and ``calibration`` (see
-    :func:`calibration_token`)."""
+    ``adapter``, ``scorer`` and ``monitor`` sections of ``cfg`` (none: the weights alone) and
+    ``calibration`` (see :func:`calibration_token`)."""
     h = hashlib.sha1(calibration.encode())
-    sections = {name: getattr(cfg, name).model_dump(mode="json") for name in ("adapter", "scorer", "monitor")}
+    sections = {name: getattr(cfg, name).model_dump(mode="json") if cfg is not None else {}
+                for name in ("adapter", "scorer", "monitor")}
     h.update(json.dumps(sections, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in model.state_dict().items():

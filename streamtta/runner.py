@@ -23,7 +23,7 @@ from streamtta.config import Config
 from streamtta.checkpoints import CheckpointStore
 from streamtta.engine import Engine, Outputs
 from streamtta.pipeline import Pipeline
-from streamtta.progress import progress_bar  # noqa: F401  (re-exported: streamtta.runner.progress_bar)
+from streamtta.progress import progress_bar
 from streamtta.runlog import RunLog
 from streamtta.signals import Interrupted, graceful_shutdown, on_signals, raise_interrupted  # noqa: F401  (re-exported)
 from streamtta.types import RawRecord

@@ -39,7 +39,6 @@ import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,19 +55,10 @@ CALIBRATION_VERSION = 1
 SUFFIX = ".calib.npz"
 
 
-class _NoSection:
-    def model_dump(self, mode: str = "json") -> dict[str, Any]:
-        return {}
-
-
-#: a configuration whose sections are all empty: the fingerprint then covers the weights alone
-_WEIGHTS_ONLY = SimpleNamespace(adapter=_NoSection(), scorer=_NoSection(), monitor=_NoSection())
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
     """:func:`streamtta.fingerprint.fingerprint` of the weights alone (no configuration): the same for a
     module and its TorchScript export, different for any other weights."""
-    return fingerprint(model, _WEIGHTS_ONLY)
+    return fingerprint(model)
 
 
 def default_calibration_path(model_spec: str, state_dict: str | os.PathLike | None = None) -> Path:

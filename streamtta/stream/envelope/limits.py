@@ -130,22 +130,17 @@ def check_shape(shape: tuple[int, ...], limits: DecodeLimits, sid: str) -> None:
 
 
 def check_finite(x: np.ndarray, limits: DecodeLimits, sid: str) -> None:
-    _check_magnitude(x, limits, sid)
-    if limits.allow_nonfinite:
-        return
+    """Finite values within ``max_abs`` (NaN/Inf allowed only with ``allow_nonfinite``)."""
     finite = np.isfinite(x)
-    if not finite.all():
-        n_nan = int(np.isnan(x).sum())
-        n_inf = int(x.size - finite.sum()) - n_nan
-        raise DecodeError(f"stream {sid!r}: tensor has non-finite values ({n_nan} NaN, {n_inf} Inf) and "
-                          f"allow_nonfinite=False (values beyond the float32 range become Inf)")
-
-
-def _check_magnitude(x: np.ndarray, limits: DecodeLimits, sid: str) -> None:
-    if limits.max_abs is None or not x.size:
+    if limits.max_abs is not None and x.size:
+        with np.errstate(invalid="ignore"):
+            big = finite & (np.abs(x) > limits.max_abs)
+        if big.any():
+            raise DecodeError(f"stream {sid!r}: {int(big.sum())} value(s) beyond max_abs={limits.max_abs:g} "
+                              f"(largest {float(np.abs(x[big]).max()):.3g}); such values overflow float32 statistics")
+    if limits.allow_nonfinite or finite.all():
         return
-    with np.errstate(invalid="ignore"):
-        big = np.isfinite(x) & (np.abs(x) > limits.max_abs)
-    if big.any():
-        raise DecodeError(f"stream {sid!r}: {int(big.sum())} value(s) beyond max_abs={limits.max_abs:g} "
-                          f"(largest {float(np.abs(x[big]).max()):.3g}); such values overflow float32 statistics")
+    n_nan = int(np.isnan(x).sum())
+    n_inf = int(x.size - finite.sum()) - n_nan
+    raise DecodeError(f"stream {sid!r}: tensor has non-finite values ({n_nan} NaN, {n_inf} Inf) and "
+                      f"allow_nonfinite=False (values beyond the float32 range become Inf)")
