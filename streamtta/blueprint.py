@@ -49,17 +49,25 @@ def _reseed(seed: int, cpu_state: torch.Tensor) -> None:
     torch.set_rng_state(cpu_state)
 
 
-def _runnable_default(model: torch.nn.Module, spec: str) -> str:
-    """The default spec, or (with a logged warning) the closest one that runs on a TorchScript model whose
-    BatchNorm layers it cannot replace (see :mod:`streamtta.adapters.scripted`)."""
-    from streamtta.adapters.scripted import runnable_default
+def _runnable_default(model: torch.nn.Module) -> str:
+    """What ``"default"`` means for ``model`` (:func:`~streamtta.adapters.defaults.default_spec`), with a
+    logged warning when a TorchScript model cannot run the BatchNorm default or the model has no BatchNorm."""
+    from streamtta.adapters import DEFAULT_SPEC
+    from streamtta.adapters.defaults import NO_BATCHNORM_SCRIPT_SPEC, NO_BATCHNORM_SPEC, default_spec, has_batchnorm
+    from streamtta.adapters.scripted import is_script
 
-    chosen = runnable_default(model, spec)
-    if chosen != spec:
-        msg = (f"adapter: the default spec {spec!r} cannot run on this TorchScript model (its BatchNorm layers "
-               f"cannot be replaced inside a compiled graph); using {chosen!r}. Load the eager module "
-               "('module:factory' + weights) for the default")
-        logging.getLogger("streamtta").warning(msg)
+    chosen = default_spec(model)
+    log = logging.getLogger("streamtta")
+    if is_script(model) and has_batchnorm(model) and chosen != DEFAULT_SPEC:
+        log.warning(f"adapter: the default spec {DEFAULT_SPEC!r} cannot run on this TorchScript model (its BatchNorm "
+                    f"layers cannot be replaced inside a compiled graph); using {chosen!r}. Load the eager module "
+                    "('module:factory' + weights) for the default")
+    elif chosen in (NO_BATCHNORM_SPEC, NO_BATCHNORM_SCRIPT_SPEC):
+        log.info("adapter: the model has no BatchNorm layer; the default is entropy-filtered updates of its norm "
+                 "affine parameters: %s", chosen)
+    elif chosen == "source":
+        log.warning("adapter: the model has no normalisation layer with affine parameters; nothing to adapt "
+                    "(adapter 'source')")
     return chosen
 
 
@@ -86,7 +94,6 @@ class Blueprint:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, meta: Any | None = None, *,
                  classes: list[int] | None = None) -> None:
-        from streamtta.adapters import DEFAULT_SPEC
         from streamtta.detectors import DEFAULT_SCORER, build_scorer
 
         limit_helper_threads()
@@ -96,9 +103,9 @@ class Blueprint:
         if classes is None:
             classes = list(meta.classes) if meta is not None else list(range(cfg.model.num_classes or 0))
         self.classes: list[int] = [int(c) for c in classes]
-        self.spec = DEFAULT_SPEC if cfg.adapter.spec == "default" else cfg.adapter.spec
+        self.spec = cfg.adapter.spec
         if cfg.adapter.spec == "default":
-            self.spec = _runnable_default(model, self.spec)
+            self.spec = _runnable_default(model)
         else:  # a spec a TorchScript model cannot run is refused now, not at the first stream
             from streamtta.adapters import parse_spec
             from streamtta.adapters.scripted import check_script_spec, is_script

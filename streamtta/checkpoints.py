@@ -4,7 +4,8 @@ A checkpoint is written to a temporary file in the same directory, fsynced and r
 It holds tensors, numbers, strings, lists and dicts: numpy arrays are stored as tensors (tagged, and
 turned back into arrays on load), and files are read with ``torch.load(weights_only=True)``, so loading
 one never runs code. A file that cannot be read that way (tampered, truncated, another format) raises
-:class:`CheckpointError` naming it.
+:class:`CheckpointError` naming it. :func:`encode_checkpoint` / :func:`decode_checkpoint` are the same
+format as bytes (other stores, e.g. the Kafka changelog of :mod:`streamtta.state_store`, keep those).
 
 >>> import tempfile, numpy as np
 >>> store = CheckpointStore(tempfile.mkdtemp())
@@ -15,6 +16,7 @@ one never runs code. A file that cannot be read that way (tampered, truncated, a
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -62,6 +64,48 @@ def from_plain(obj: Any) -> Any:
     return obj
 
 
+def encode_checkpoint(key: str, state: dict[str, Any], *, seq: int | None = None) -> bytes:
+    """The bytes of a checkpoint of ``state`` under ``key`` (``seq``: an optional version number kept
+    with it, see :func:`decode_checkpoint`).
+
+    >>> state, meta = decode_checkpoint(encode_checkpoint("t:0", {"n": 1}, seq=7), "example")
+    >>> state, meta["key"], meta["seq"]
+    ({'n': 1}, 't:0', 7)
+    """
+    payload: dict[str, Any] = {"format": FORMAT, "version": VERSION, "key": key, "state": to_plain(state)}
+    if seq is not None:
+        payload["seq"] = int(seq)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def decode_checkpoint(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state, meta)`` of checkpoint bytes (``meta``: ``key`` and ``seq``, None when absent), read with
+    ``torch.load(weights_only=True)`` only; :class:`CheckpointError` naming ``where`` when they are not a
+    checkpoint of this format.
+
+    >>> decode_checkpoint(b"not a checkpoint", "x.pt")
+    Traceback (most recent call last):
+    ...
+    streamtta.checkpoints.CheckpointError: checkpoint x.pt cannot be loaded as plain data: ...
+    """
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable input is a CheckpointError naming it
+        raise CheckpointError(f"checkpoint {where} cannot be loaded as plain data: {str(e).splitlines()[0][:300]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {where} is not a {FORMAT} v{VERSION} file")
+    try:
+        state = from_plain(payload["state"])
+    except Exception as e:  # noqa: BLE001 -- a malformed state is a CheckpointError naming it
+        raise CheckpointError(f"checkpoint {where} holds no valid state: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {where} holds no valid state: {type(state).__name__}, not a mapping")
+    seq = payload.get("seq")
+    return state, {"key": payload.get("key"), "seq": int(seq) if isinstance(seq, int) else None}
+
+
 def _file_name(text: str, keep: int) -> str:
     """A file-system-safe name for any string: a sanitised prefix plus a hash of the whole string."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:keep]
@@ -88,12 +132,15 @@ class CheckpointStore:
         return self.directory / f"{_file_name(key, 80)}.pt"
 
     def save(self, key: str, state: dict[str, Any]) -> None:
+        self.save_bytes(key, encode_checkpoint(key, state))
+
+    def save_bytes(self, key: str, data: bytes) -> None:
+        """Write ``data`` (see :func:`encode_checkpoint`) as the checkpoint of ``key``, atomically."""
         target = self.path(key)
-        payload = {"format": FORMAT, "version": VERSION, "key": key, "state": to_plain(state)}
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".pt")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -106,25 +153,18 @@ class CheckpointStore:
         finally:
             os.close(dfd)
 
+    def load_bytes(self, key: str) -> bytes | None:
+        """The raw bytes of the checkpoint of ``key``, None when there is none."""
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def load(self, key: str) -> dict[str, Any] | None:
         """The saved state of ``key``, None when there is none; :class:`CheckpointError` when the file is
         not a checkpoint of this format (never executes anything from it)."""
-        p = self.path(key)
-        if not p.exists():
-            return None
-        try:
-            payload = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {p} cannot be loaded as plain data: {str(e).splitlines()[0][:300]}") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
-            raise CheckpointError(f"checkpoint {p} is not a {FORMAT} v{VERSION} file")
-        try:
-            state = from_plain(payload["state"])
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {p} holds no valid state: {type(e).__name__}: {str(e)[:200]}") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"checkpoint {p} holds no valid state: {type(state).__name__}, not a mapping")
-        return state
+        data = self.load_bytes(key)
+        return None if data is None else decode_checkpoint(data, str(self.path(key)))[0]
 
     def reject(self, key: str) -> Path:
         """Move a bad checkpoint aside (``*.rejected``) so that the stream can start fresh."""

@@ -12,14 +12,15 @@ offline simulations take exactly the live code path). Per consumed batch of reco
 4. **flush** every sink, **checkpoint** the touched streams atomically, and only then **commit**
    ``last processed offset + 1`` per partition -- never past a record whose predictions are held.
 
-Crash semantics: flush before checkpoint (which stores the next offset per partition) before commit.
-Records a restored checkpoint covers are skipped, so a crash between checkpoint and commit repeats
-nothing; one between flush and checkpoint repeats the outputs written since the last checkpoint (one
-batch plus the held ones) with identical deterministic ids. A checkpoint carries the predictions of held
-results; a restart writes those first. Undecodable records after a held one are dead-lettered again.
-After any exception (decode, step, scoring, a sink, a checkpoint, a commit) the engine is *failed*: it
-re-raises, and neither the revoke callback nor close checkpoints or commits again, so a restart re-reads
-from the last commit. States live in a bounded LRU table (:mod:`streamtta.states`).
+Crash semantics: flush before checkpoint (which stores the next offset per partition) before commit. Records a
+restored checkpoint covers are skipped, so a crash between checkpoint and commit repeats nothing; one between flush
+and checkpoint repeats the outputs written since the last checkpoint (one batch plus the held ones) with identical
+deterministic ids. A checkpoint carries the predictions of held results; a restart writes those first. Undecodable
+records after a held one are dead-lettered again. After any exception (decode, step, scoring, a sink, a checkpoint, a
+commit) the engine is *failed*: it re-raises, and neither the revoke callback nor close checkpoints or commits again,
+so a restart re-reads from the last commit. States live in a bounded LRU table (:mod:`streamtta.states`). An
+``observer`` (:class:`~streamtta.ops.observer.EngineObserver`: metrics, event logs) hears of every batch, step, alert,
+checkpoint and commit.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from streamtta.alerts import Alert, OffsetRange
 from streamtta.checkpoints import CheckpointStore
 from streamtta.config import Config
 from streamtta.faults import point
+from streamtta.ops.observer import EngineObserver, timed
 from streamtta.pipeline import Pipeline
 from streamtta.records import batch_record, dead_letter_alert, prediction_docs
 from streamtta.results import BatchResult
@@ -55,28 +57,25 @@ class Engine:
 
     def __init__(self, cfg: Config, source: Source, outputs: Outputs, pipeline: Pipeline, *,
                  store: CheckpointStore | None = None, runlog: RunLog | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        self.cfg = cfg
-        self.source = source
-        self.outputs = outputs
+                 on_batch: Callable[[int], None] | None = None, observer: EngineObserver | None = None) -> None:
+        self.cfg, self.source, self.outputs = cfg, source, outputs
         self.template, self.store, self.runlog, self.on_batch = pipeline, store, runlog, on_batch
+        self.observe = observer or EngineObserver()
         self.states = StateTable(pipeline, store, max_states=cfg.engine.max_states, alert=self._emit_alert,
                                  end_offset=getattr(source, "end_offset", None))
         self.stop_event = threading.Event()
         self.records_seen = self.samples_processed = self.dead_letters = self.skipped = self.batches = 0
-        self.step_time_s = 0.0
+        self.step_time_s, self._batches_since_ckpt = 0.0, 0
         #: ``time.perf_counter()`` when the first record arrived (after group join / assignment)
         self.first_record_at: float | None = None
         self._pending_commit: dict[TopicPartition, int] = {}
-        self._batches_since_ckpt = 0
         self._dirty: set[str] = set()
         self._carry: list[RawRecord] = []
         self._committed: dict[TopicPartition, int] = {}
         #: the exception that stopped the engine; after one, nothing more is checkpointed or committed
         self.failed: BaseException | None = None
         # the input shape: configured, else the model's or its source data's, else the first record's
-        shape = cfg.engine.expected_shape or pipeline.blueprint.input_shape
-        names = cfg.engine.feature_names
+        shape, names = cfg.engine.expected_shape or pipeline.blueprint.input_shape, cfg.engine.feature_names
         self.limits = DecodeLimits(max_bytes=cfg.engine.max_record_bytes, expected_shape=tuple(shape) if shape else None,
                                    feature_names=tuple(names) if names else None)
         source.on_revoke(self._on_revoke)
@@ -97,8 +96,7 @@ class Engine:
     def run(self, *, max_records: int | None = None) -> None:
         """Consume until a stop is requested, ``max_records`` are seen, the idle timeout passes, or the
         source ends (``kafka.stop_at_end``, or any finite in-memory source)."""
-        kcfg = self.cfg.kafka
-        stop_at_end = kcfg.stop_at_end or getattr(self.source, "finite", False)
+        stop_at_end = self.cfg.kafka.stop_at_end or getattr(self.source, "finite", False)
         last_data = time.monotonic()
         # an exception propagates without the final commit: a half-processed batch is re-delivered
         try:
@@ -212,6 +210,7 @@ class Engine:
         self.batches += 1
         self._batches_since_ckpt += 1
         self._finish_batch(force=False)
+        self.observe.batch(self, records, time.perf_counter() - t0)
         if self.on_batch is not None:
             self.on_batch(len(records))
 
@@ -221,6 +220,7 @@ class Engine:
         res = st.pipe.process(x, stream_id=items[-1][1].stream_id, tag=items,
                               offsets=OffsetRange(topic=last.topic, partition=last.partition, first=first.offset,
                                                   last=last.offset), received_at=t0)
+        self.observe.step(st.key, res, st.pipe)
         for alert in res.alerts:
             self._emit_alert(alert)
         self.samples_processed += len(items)
@@ -260,6 +260,7 @@ class Engine:
         point("alert")
         for sink in self.outputs.alerts:
             sink.write(alert.stream_id, doc)
+        self.observe.alert(alert)
         if self.runlog is not None:
             self.runlog.alerts.append(doc)
 
@@ -269,9 +270,7 @@ class Engine:
             return
         if force:  # end of the run or a revocation: nothing stays held
             self._release(everything=True)
-        if not self._pending_commit:
-            return
-        if not force and self._batches_since_ckpt < self.cfg.engine.checkpoint_every:
+        if not self._pending_commit or (not force and self._batches_since_ckpt < self.cfg.engine.checkpoint_every):
             return
         pend = self._pending_commit  # never commit past a record whose outputs are still held
         for r, _ in (item for st in self.states.values() for res in st.pipe.held for item in res.tag):
@@ -289,9 +288,11 @@ class Engine:
                     held = [d for res in st.pipe.held for d in prediction_docs(res)]
                     st.committed.update({tp: o for tp, o in self._committed.items() if tp in st.next_offsets})
                     point("checkpoint")
-                    self.store.save(key, st.state_dict(held))
+                    self.observe.checkpoint(key, st.next_offsets, timed(self.store.save, key, st.state_dict(held))[1])
         point("commit")
-        if self.source.commit(dict(self._pending_commit)) is not False:  # False: skipped (group moved on)
+        stored, seconds = timed(self.source.commit, dict(self._pending_commit))
+        self.observe.commit(self._pending_commit, seconds, stored is not False)
+        if stored is not False:  # False: skipped (group moved on)
             self._committed.update(self._pending_commit)
         self._pending_commit.clear()
         self._batches_since_ckpt = 0

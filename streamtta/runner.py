@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from streamtta.config import Config
-from streamtta.checkpoints import CheckpointStore
 from streamtta.engine import Engine, Outputs
 from streamtta.pipeline import Pipeline
 from streamtta.progress import progress_bar
@@ -278,8 +277,14 @@ def _record_domain(rec: RawRecord) -> str | None:
 # Kafka end to end
 # ----------------------------------------------------------------------------------------------
 def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir: Path | None,
-                       runlog: RunLog | None) -> tuple[Engine, ExitStack]:
-    """The engine of a Kafka run; consumer and producer get ``client_settings(cfg.kafka, role)``."""
+                       runlog: RunLog | None, telemetry: Any = None) -> tuple[Engine, ExitStack]:
+    """The engine of a Kafka run; consumer and producer get ``client_settings(cfg.kafka, role)``. Its
+    observer logs alerts, checkpoints and commits (:class:`~streamtta.ops.eventlog.EventLog`) and, with a
+    :class:`~streamtta.ops.telemetry.Telemetry`, updates its metrics (the consumer then reports
+    librdkafka statistics to it)."""
+    from streamtta.ops.eventlog import EventLog
+    from streamtta.ops.observer import Observers
+    from streamtta.state_store import make_state_store
     from streamtta.stream.kafka import KafkaDeadLetter, KafkaSink, KafkaSource, make_producer
     from streamtta.stream.kafka.errors import ClientLog, quiet
     from streamtta.stream.kafka.settings import client_settings
@@ -296,11 +301,16 @@ def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir:
     if cfg.alerts.jsonl and run_dir is not None:
         alerts.append(JsonlSink(run_dir / "alerts.jsonl"))
     dlq = KafkaDeadLetter(producer, k.resolved_dlq_topic())
+    # the store closes after the source: closing the source revokes partitions, which checkpoints through it
+    store = make_state_store(cfg, bootstrap)  # the group's states: a local folder or the Kafka changelog
+    stack.callback(getattr(store, "close", lambda: None))
     source = KafkaSource(bootstrap, [k.topic], k.group_id, overrides=client_settings(k, "consumer"),
-                         stop_at_end=k.stop_at_end, retry_timeout_s=k.connect_timeout_s)
+                         stop_at_end=k.stop_at_end, retry_timeout_s=k.connect_timeout_s,
+                         **(telemetry.source_options() if telemetry is not None else {}))
     stack.callback(source.close)
-    store = CheckpointStore(cfg.engine.checkpoint_dir, namespace=k.group_id)  # state is the group's
-    engine = Engine(cfg, source, Outputs(preds, alerts, dlq), pipeline, store=store, runlog=runlog)
+    observer = Observers([EventLog()] + ([telemetry.metrics] if telemetry is not None else []))
+    engine = Engine(cfg, source, Outputs(preds, alerts, dlq), pipeline, store=store, runlog=runlog,
+                    observer=observer)
     names = getattr(pipeline.calibration, "feature_names", None)
     if names and engine.limits.feature_names is None:  # object-style JSON rows: the calibration data's order
         engine.limits = replace(engine.limits, feature_names=tuple(names))
@@ -308,10 +318,15 @@ def build_kafka_engine(cfg: Config, bootstrap: str, pipeline: Pipeline, run_dir:
 
 
 def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, run_dir: Path | None = None,
-            total: int | None = None, progress: bool = True, max_records: int | None = None) -> RunResult:
+            total: int | None = None, progress: bool = True, max_records: int | None = None,
+            telemetry: Any = None) -> RunResult:
     """Run the engine against Kafka until the stream ends (``kafka.stop_at_end``), a signal or a limit
     (topics: :func:`~streamtta.stream.kafka.admin.prepare_topics`). On SIGINT/SIGTERM the engine finishes
-    its batch, the consumer commits and closes, the producer flushes; ``stats["stopped_by"]`` names it."""
+    its batch, the consumer commits and closes, the producer flushes; ``stats["stopped_by"]`` names it.
+
+    Metrics: the given (started) :class:`~streamtta.ops.telemetry.Telemetry`, else one built from
+    ``cfg.metrics`` when ``metrics.port`` is set (served for this call only); ``stats["metrics_url"]``."""
+    from streamtta.ops.telemetry import Telemetry
     from streamtta.stream.kafka.admin import prepare_topics
 
     if pipeline is None:
@@ -319,11 +334,16 @@ def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, ru
     k = cfg.kafka
     prepare_topics(k, bootstrap)
     runlog = (RunLog(spool_dir=run_dir) if run_dir is not None else RunLog()) if cfg.engine.record_log else None
-    engine, stack = build_kafka_engine(cfg, bootstrap, pipeline, run_dir, runlog)
-    t0 = time.perf_counter()
-    with graceful_shutdown(engine) as signals, stack, progress_bar(total, f"consume {k.topic}", progress) as bar:
-        engine.on_batch = bar
-        engine.run(max_records=max_records)
+    with ExitStack() as serving:
+        if telemetry is None and (telemetry := Telemetry.from_config(cfg)) is not None:
+            serving.callback(telemetry.start().close)
+        engine, stack = build_kafka_engine(cfg, bootstrap, pipeline, run_dir, runlog, telemetry)
+        t0 = time.perf_counter()
+        with graceful_shutdown(engine) as signals, stack, progress_bar(total, f"consume {k.topic}", progress) as bar:
+            engine.on_batch = bar
+            with telemetry.consuming(engine.source) if telemetry is not None else ExitStack():
+                engine.run(max_records=max_records)
+        metrics_url = f"{telemetry.url}/metrics" if telemetry is not None else None
     t1 = time.perf_counter()
     wall = t1 - t0
     if runlog is not None:
@@ -332,6 +352,8 @@ def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, ru
         runlog.dead_letters = engine.dead_letters
     stats = engine_stats(engine, wall, started_at=t0, ended_at=t1)
     stats["group_id"], stats["topic"] = k.group_id, k.topic
+    if metrics_url is not None:
+        stats["metrics_url"] = metrics_url
     if signals:
         stats["stopped_by"] = signal.Signals(signals[0]).name
     # engine <-> source callbacks form a cycle: collect it now so the producer/consumer handles close

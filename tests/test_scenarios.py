@@ -26,6 +26,7 @@ torch.set_num_threads(1)
 
 SHIPPED = list_scenarios()
 EXTERNAL = sorted((REPO_SCENARIO_DIR / "external").glob("*.toml"))
+HELDOUT = sorted((REPO_SCENARIO_DIR / "heldout").glob("*.toml"))
 REQUIRED = {
     "digits-c-iid", "digits-c-noniid", "digits-c-sorted", "digits-c-continual-openset", "digits-c-long",
     "sensor-drift", "quickstart",
@@ -49,13 +50,15 @@ def fake_cifar_c(root: Path, per: int = 30, n_classes: int = 10) -> Path:
 # -- shipped files -------------------------------------------------------------------------------------
 def test_required_scenarios_are_shipped():
     assert REQUIRED <= {p.stem for p in SHIPPED}
-    for p in SHIPPED + EXTERNAL:
+    assert len(HELDOUT) >= 10 and all("HELD-OUT" in p.read_text() for p in HELDOUT)
+    assert find_scenario("heldout-digits-cnn-iid").model == "digits-cnn"  # found by name in heldout/
+    for p in SHIPPED + EXTERNAL + HELDOUT:
         text = p.read_text()
         assert text.startswith("#"), f"{p.name} has no header comment"
         assert load_scenario(p).name == p.stem, f"{p.name}: name field differs from the file name"
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SHIPPED + HELDOUT, ids=lambda p: p.stem)
 def test_shipped_scenario_builds(path):
     sc = load_scenario(path)
     s = build_stream(sc)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import streamtta
+from streamtta.adapters.defaults import NO_BATCHNORM_SCRIPT_SPEC
 from streamtta.adapters import SpecError, build_adapter, parse_spec
 from streamtta.adapters.state import share_fixed, stream_copy
 from streamtta.adapters.terms import MACROS, TERMS
@@ -28,8 +29,8 @@ NUM_CLASSES = 3
 #: traced ``nn.Sequential`` of the same layers (no ``forward_features``)
 FORMS = ("eager", "script", "trace", "trace-plain")
 #: the norm terms each TorchScript form of the BatchNorm MLP refuses (the LayerNorm MLP refuses none)
-REFUSED = {"script": {"rbn", "unmix-tns", "cb-stats"}, "trace": {"rbn", "unmix-tns", "cb-stats"},
-           "trace-plain": {"rbn", "unmix-tns", "cb-stats", "bn"}}
+REFUSED = {"script": {"align", "rbn", "unmix-tns", "cb-stats"}, "trace": {"align", "rbn", "unmix-tns", "cb-stats"},
+           "trace-plain": {"align", "rbn", "unmix-tns", "cb-stats", "bn"}}
 
 
 def _smallest_spec(name: str) -> str:
@@ -110,8 +111,17 @@ def models() -> dict[tuple[str, str], nn.Module]:
     return out
 
 
+def _refused_terms(norm: str, form: str) -> set[str]:
+    """Norm terms refused on this model: the BatchNorm replacers (and bn when traced) on compiled BatchNorm;
+    align (it replaces LayerNorm / GroupNorm) on any compiled model."""
+    if form == "eager":
+        return set()
+    return REFUSED[form] if norm == "bn" else {"align"}
+
+
 def _refused(norm: str, form: str, spec: str) -> bool:
-    return norm == "bn" and form != "eager" and parse_spec(spec).norm.name in REFUSED[form]
+    # "default" resolves per model (adapters.defaults.default_spec), so it always runs
+    return spec != "default" and parse_spec(spec).norm.name in _refused_terms(norm, form)
 
 
 def _build(spec: str, model: nn.Module):
@@ -140,7 +150,7 @@ def test_every_spec_runs_or_is_refused(models, norm: str, form: str) -> None:
                         streamtta.Pipeline(model, adapter=str(parse_spec(spec)), scorer="energy")
                 msg = str(err.value)
                 assert f"term {parse_spec(spec).norm.name!r}" in msg and "cannot run on this TorchScript model" in msg
-                assert all(t in msg for t in REFUSED[form]) and "terms that run" in msg
+                assert all(t in msg for t in _refused_terms(norm, form)) and "terms that run" in msg
             continue
         pipe = streamtta.Pipeline(model, adapter=spec, scorer="energy")
         with warnings.catch_warnings():
@@ -167,7 +177,7 @@ def test_same_outputs_as_the_eager_module(models, norm: str, form: str) -> None:
     """Where the route is the same (every spec that runs; source-fallback without a source reference
     uses its batch rule on both) the TorchScript adapter gives the eager adapter's outputs."""
     for spec in SPECS:
-        if _refused(norm, form, spec):
+        if _refused(norm, form, spec) or spec == "default":  # "default" resolves per model: other specs here
             continue
         eager, compiled = _build(spec, models[norm, "eager"]), _build(spec, models[norm, form])
         for a, b in zip(_run(eager), _run(compiled)):
@@ -226,7 +236,7 @@ def test_default_spec_falls_back_on_compiled_batchnorm(models, caplog) -> None:
         ln = streamtta.Pipeline(models["ln", "script"], scorer="energy").blueprint.spec
         eager = streamtta.Pipeline(models["bn", "eager"], scorer="energy").blueprint.spec
     assert specs == {"script": "bn+source-fallback", "trace": "bn+source-fallback", "trace-plain": "source"}
-    assert ln == eager == "cb-stats+source-fallback"
+    assert eager == "cb-stats+source-fallback" and ln == NO_BATCHNORM_SCRIPT_SPEC  # LayerNorm: no align
     assert sum("cannot run on this TorchScript model" in r.message for r in caplog.records) == 3
 
 

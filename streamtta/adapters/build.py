@@ -6,6 +6,7 @@ from typing import Any, Callable
 from torch import nn
 
 from streamtta.adapters.composite import CompositeAdapter
+from streamtta.adapters.defaults import default_spec, is_default
 from streamtta.adapters.filters import ConfidenceDropFilter, EntropyMarginFilter, RedundancyFilter
 from streamtta.adapters.grammar import AdapterSpec, SpecError, SpecTerm, coerce_arg, parse_spec, suggest
 from streamtta.adapters.guards import EMAToSource, LossEMAReset, PeriodicReset, SourceFallback
@@ -81,7 +82,8 @@ def _global_overrides(parsed: AdapterSpec, has_objective: bool, overrides: dict[
 def build_adapter(spec: str | AdapterSpec, model: nn.Module, num_classes: int, **overrides: Any) -> CompositeAdapter:
     """Build a :class:`~streamtta.adapters.composite.CompositeAdapter` from a spec and overrides.
 
-    ``overrides`` are flat keys (:data:`~streamtta.adapters.terms.OVERRIDE_KEYS`) that win over the
+    ``"default"`` resolves per model (:func:`~streamtta.adapters.defaults.default_spec`: BatchNorm models,
+    GroupNorm/LayerNorm models, TorchScript). ``overrides`` are flat keys (:data:`~streamtta.adapters.terms.OVERRIDE_KEYS`) that win over the
     spec's own arguments; the known keys this spec does not use are listed in ``ignored_overrides``.
 
     >>> import torch
@@ -92,6 +94,8 @@ def build_adapter(spec: str | AdapterSpec, model: nn.Module, num_classes: int, *
     (50, ['K'])
     """
     _check_override_keys(overrides)
+    if is_default(spec):  # what "default" means depends on the model's norm layers
+        spec = default_spec(model)
     parsed = parse_spec(spec)
     used: set[str] = set()
     norm_kwargs = _term_kwargs(parsed.norm, overrides, used)

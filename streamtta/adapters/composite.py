@@ -45,7 +45,7 @@ from streamtta.adapters.norms import (
     frozen_stats,
     label_norms,
     make_norm_factory,
-    replace_batchnorms,
+    replace_norms,
     set_class_mix,
     set_stats_mode,
 )
@@ -197,12 +197,10 @@ class CompositeAdapter(SourceFitMixin, Adapter):
         factory = make_norm_factory(norm, seed=seed, **layer_kwargs)
         if factory is None:
             return []
-        replaced = replace_batchnorms(self.model, factory)
+        replaced = replace_norms(self.model, norm, factory)
         if not replaced:
-            warnings.warn(
-                f"norm {norm!r}: the model has no BatchNorm layer, so normalisation does not adapt",
-                stacklevel=3,
-            )
+            kind = "LayerNorm/GroupNorm" if norm == "align" else "BatchNorm"
+            warnings.warn(f"norm {norm!r}: the model has no {kind} layer, so normalisation does not adapt", stacklevel=3)
         set_stats_mode(self.model, "deferred")
         return replaced
 

@@ -22,8 +22,9 @@ such as ``forward_features``, are scripted even in a traced module).
 
 Terms per model (:func:`unsupported_norms` says which spec norms are refused):
 
-* no BatchNorm (LayerNorm / GroupNorm models): every spec runs, as on the eager module (statistics
-  norms have nothing to adapt there either);
+* no BatchNorm (LayerNorm / GroupNorm models): every spec but ``align`` runs, as on the eager module
+  (statistics norms have nothing to adapt there either; ``align`` would replace the LayerNorm / GroupNorm
+  layers);
 * scripted BatchNorm: ``source`` and ``bn`` (without ``source_weight``) with any objective, filter and
   guard; ``source-fallback`` keeps its batch rule only (its per-sample rules need the first norm
   layer's input, which a compiled graph does not give out); ``rbn``, ``unmix-tns``, ``cb-stats`` refused;
@@ -34,7 +35,7 @@ Terms per model (:func:`unsupported_norms` says which spec norms are refused):
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
 >>> unsupported_norms(torch.jit.script(net)), unsupported_norms(torch.jit.trace(net, torch.rand(2, 4)))
-(['cb-stats', 'rbn', 'unmix-tns'], ['bn', 'cb-stats', 'rbn', 'unmix-tns'])
+(['align', 'cb-stats', 'rbn', 'unmix-tns'], ['align', 'bn', 'cb-stats', 'rbn', 'unmix-tns'])
 >>> wrapped = ScriptedModel(torch.jit.script(net), batch_stats=True)
 >>> x = torch.randn(16, 4) * 3 + 1
 >>> torch.allclose(wrapped(x), net.train()(x), atol=1e-5)       # test-batch statistics
@@ -57,7 +58,7 @@ SCRIPT_BATCHNORMS = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Syn
 SCRIPT_AFFINE_NORMS = SCRIPT_BATCHNORMS | {"LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
                                            "InstanceNorm3d"}
 #: the norm terms that replace BatchNorm layers (impossible inside a compiled graph)
-REPLACING_NORMS = ("cb-stats", "rbn", "unmix-tns")
+REPLACING_NORMS = ("align", "cb-stats", "rbn", "unmix-tns")
 
 
 def is_script(module: Any) -> bool:
@@ -93,7 +94,7 @@ def unsupported_norms(model: nn.Module, norm_kwargs: dict[str, Any] | None = Non
         return []
     bns = script_batchnorms(model)
     if not bns:
-        return []
+        return ["align"]  # it replaces LayerNorm / GroupNorm layers
     bad = set(REPLACING_NORMS)
     if not honours_train_mode(model) or float((norm_kwargs or {}).get("source_weight", 0.0)) > 0:
         bad.add("bn")
@@ -112,7 +113,9 @@ def check_script_spec(model: nn.Module, norm: str, norm_kwargs: dict[str, Any] |
         return
     ok_norms = [t for t, info in TERMS.items() if info.kind == "norm" and t not in bad]
     others = sorted(t for t, info in TERMS.items() if info.kind != "norm")
-    if norm != "bn":
+    if norm == "align":
+        why = "needs to replace its LayerNorm / GroupNorm layers, impossible inside a compiled graph"
+    elif norm != "bn":
         why = "needs to replace its BatchNorm layers, impossible inside a compiled graph"
     elif (norm_kwargs or {}).get("source_weight"):
         why = "with source_weight needs each BatchNorm layer's input, which a compiled graph does not give out"

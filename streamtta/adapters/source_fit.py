@@ -18,6 +18,7 @@ from streamtta.adapters.class_mix import class_conditional_stats
 from streamtta.adapters.common import FeatureHook, iter_norm_modules
 from streamtta.adapters.guards.source_fallback import source_distance
 from streamtta.adapters.norms import frozen_stats, source_stats
+from streamtta.adapters.norms.aligned import AlignedNorm
 from streamtta.adapters.norms.base import instance_stats
 from streamtta.adapters.scripted import ScriptedModel, assigned_params
 
@@ -151,17 +152,19 @@ class SourceFitMixin:
                    guards: bool = True) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
         """One pass of clean source inputs ``x`` through the source model for everything the adapter
         takes from source data: the class prior of :meth:`fit_class_prior` (when labels ``y`` are
-        given) and the guards' reference of :meth:`calibrate_guards` (when ``guards``). Both become
+        given), the guards' reference of :meth:`calibrate_guards` (when ``guards``) and the source
+        statistics of ``align`` layers. Both become
         part of the initial state. Returns ``(prior, reference)`` for :meth:`set_class_prior` and
         :meth:`set_guard_reference` on other adapters of the same model.
         """
-        layers = list(self._label_layers) if y is not None else []
+        layers = [m for m in self._label_layers if not isinstance(m, AlignedNorm)] if y is not None else []
         ref_guards = self._reference_guards if guards and self._first_norm is not None else []
+        aligned = [m for m in self.model.modules() if isinstance(m, AlignedNorm)]
         if layers:
             y = torch.as_tensor(y).long().reshape(-1)
             if len(y) != len(x):
                 raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels")
-        if not layers and not ref_guards:
+        if not layers and not ref_guards and not aligned:
             return [], None
         seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in layers}
 
@@ -172,12 +175,16 @@ class SourceFitMixin:
         handles = [m.register_forward_pre_hook(hook) for m in layers]
         if ref_guards:
             handles.append(register_source_distance_hook(self._first_norm, dists))
+        for m in aligned:  # "align": the source statistics of the LayerNorm / GroupNorm outputs
+            m.start_recording()
         try:
             for i in range(0, len(x), batch_size):
                 self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32))
         finally:
             for h in handles:
                 h.remove()
+            for m in aligned:
+                m.finish_recording()
         prior = []
         for m in layers:
             cm, cv = class_conditional_stats(m, seen[id(m)], y, self.num_classes)
@@ -195,7 +202,7 @@ class SourceFitMixin:
     def set_class_prior(self, prior: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Give the cb-stats layers (module order) class priors from :meth:`fit_class_prior`; they
         become part of the initial state."""
-        layers = list(self._label_layers)
+        layers = [m for m in self._label_layers if not isinstance(m, AlignedNorm)]
         if len(prior) != len(layers):
             raise ValueError(f"prior has {len(prior)} layers, the adapter {len(layers)} cb-stats layers")
         for m, (cm, cv) in zip(layers, prior):

@@ -1,6 +1,6 @@
 """``streamtta`` command line.
 
-Commands: run, calibrate, simulate, produce, bench, broker, train-source, meta-train, config show.
+Commands: run, calibrate, simulate, produce, bench, broker, top, train-source, meta-train, config show.
 Run ``streamtta COMMAND --help`` for the flags of each (a command lists only the flags it uses);
 ``streamtta --version`` prints the version.
 
@@ -12,7 +12,7 @@ second one aborts a stop.
 
 Modules: :mod:`.common` (flags, config, logging), :mod:`.run` (run, produce), :mod:`.calibrate`,
 :mod:`.offline` (simulate, bench, train-source, meta-train), :mod:`.tools` (config show, broker),
-:mod:`.summary` (the run summary table).
+:mod:`.summary` (the run summary table), :mod:`.top` (live view of a worker's metrics).
 
 >>> build_parser().parse_args(["calibrate", "--model", "sensor:factory", "--data", "source.npz"]).labels is None
 True
@@ -38,6 +38,7 @@ from streamtta.cli.common import setup_logging as _setup_logging
 from streamtta.cli.offline import cmd_bench, cmd_meta_train, cmd_simulate, cmd_train_source
 from streamtta.cli.run import cmd_produce, cmd_run
 from streamtta.cli.tools import cmd_broker, cmd_config_show
+from streamtta.cli.top import add_parser as add_top_parser
 from streamtta.config import ConfigError
 
 __all__ = ["FLAG_FIELDS", "add_config_flags", "build_parser", "main", "resolve_config"]
@@ -112,12 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--port", type=int, default=None, help="port (default: a free loopback port)")
     br.set_defaults(func=cmd_broker)
 
+    add_top_parser(sub)
+
     t = sub.add_parser("train-source", help="train a built-in source model and save its checkpoint")
     t.add_argument("--dataset", default="digits", help="digits or segment")
     t.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=int)
     t.add_argument("--known-classes", help="comma-separated known class ids (default: dataset's)")
+    t.add_argument("--recipe", help="a named recipe instead of the dataset's default, e.g. digits-cnn-ln "
+                                    "(streamtta.models.recipes.RECIPES: the held-out and GroupNorm/LayerNorm backbones)")
     t.set_defaults(func=cmd_train_source)
 
     m = sub.add_parser("meta-train", help="learn the meta-initialisation used for re-adaptation")
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(getattr(args, "verbose", 0))
+    _setup_logging(getattr(args, "verbose", 0), getattr(args, "log_format", None) or "text")
     from streamtta.adapters.grammar import SpecError
 
     usage = (ConfigError, FileNotFoundError, ModelSpecError, CalibrationError, SpecError)

@@ -31,6 +31,9 @@ FLAG_FIELDS = {
     "checkpoint_dir": "engine.checkpoint_dir",
     "output_dir": "run.output_dir",
     "rate": "run.rate",
+    "log_format": "run.log_format",
+    "metrics_port": "metrics.port",
+    "state_store": "engine.state_store",
 }
 
 #: flag -> (option strings, add_argument keywords)
@@ -53,6 +56,14 @@ _FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "checkpoint_dir": (("--checkpoint-dir",), {"type": Path}),
     "output_dir": (("--output-dir",), {"type": Path, "help": "parent folder of run folders (default runs/)"}),
     "rate": (("--rate",), {"type": float, "help": "replay rate, records/s (default: as fast as possible)"}),
+    "log_format": (("--log-format",), {"choices": ["text", "json"], "help": "log lines as text (default) or one "
+                                                                        "JSON object per line (INFO and up)"}),
+    "state_store": (("--state-store",), {"choices": ["local", "kafka"],
+                                         "help": "checkpoint per-stream states to the local --checkpoint-dir (default) "
+                                                 "or to a compacted Kafka changelog topic any worker restores from"}),
+    "metrics_port": (("--metrics-port",), {"type": int, "metavar": "PORT",
+                                           "help": "serve Prometheus /metrics, /healthz and /readyz on this port "
+                                                   "(0: a free one; default: no exporter)"}),
 }
 
 ALL_FLAGS = tuple(_FLAGS)
@@ -86,16 +97,26 @@ def resolve_config(args: argparse.Namespace, extra: dict[str, Any] | None = None
         set_nested(overrides, ["run", "progress"], False)
     cfg = load_config(args.config, deep_merge(extra, overrides) if extra else overrides)
     install_redaction(cfg)  # from now on no log line shows this config's secrets
+    if cfg.run.log_format == "json":  # also when set in a config file or the environment
+        setup_logging(getattr(args, "verbose", 0), "json")
     return cfg
 
 
-def setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int, fmt: str = "text") -> None:
+    """Root logging: text through rich (WARNING, ``-v`` INFO, ``-vv`` DEBUG), or JSON lines on stderr
+    (:func:`streamtta.ops.logs.use_json_logs`; INFO, ``-vv`` DEBUG). Either way secrets are masked."""
+    from streamtta.config.secrets import install_redaction
+    from streamtta.ops.logs import HANDLER_MARK, use_json_logs
+
+    if fmt == "json":
+        use_json_logs(logging.DEBUG if verbose >= 2 else logging.INFO)
+        return
     from rich.logging import RichHandler
 
-    from streamtta.config.secrets import install_redaction
-
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    handler = RichHandler(show_path=False)
+    setattr(handler, HANDLER_MARK, True)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
     install_redaction()  # every root handler masks the secrets of the configs in use
 
 

@@ -68,6 +68,8 @@ def cmd_train_source(args: argparse.Namespace) -> int:
         kw["epochs"] = args.epochs
     if args.known_classes:
         kw["known_classes"] = [int(c) for c in args.known_classes.split(",")]
+    if args.recipe:
+        kw["recipe"] = kw["name"] = args.recipe
     _, meta = train_source(args.dataset, **kw)
     print(f"trained {meta.name}: clean accuracy {100 * meta.clean_accuracy:.2f}% -> {args.out}")
     return 0

@@ -40,15 +40,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     A scenario is replayed with ``--scenario``, or by default (``run.replay``) unless a model other than the
     scenario's is named (``--model`` / ``model.source``): then the run consumes the topic as it is (the
-    scenario's records would not fit that model)."""
-    from streamtta import runner
-    from streamtta.stream.kafka.admin import wait_for_broker
-    from streamtta.stream.kafka.settings import client_settings
+    scenario's records would not fit that model).
+
+    With ``--metrics-port`` (``metrics.port``) ``/metrics``, ``/healthz`` and ``/readyz`` are served from
+    the start (``/readyz`` answers 503 until the engine consumes) to the end of the command."""
+    from streamtta.ops.telemetry import Telemetry
 
     replay_flag = {} if args.no_replay is None else {"run": {"replay": not args.no_replay}}
     if args.scenario:
         replay_flag = deep_merge(replay_flag, {"run": {"scenario": args.scenario}})
     cfg = resolve_config(args, replay_flag)
+    telemetry = Telemetry.from_config(cfg)
+    if telemetry is not None:
+        try:
+            telemetry.start()
+        except OSError as e:
+            raise ConfigError(f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {e}") from e
+        console().print(f"metrics on {telemetry.url}/metrics (health: /healthz, readiness: /readyz)")
+    try:
+        return _run(args, cfg, telemetry)
+    finally:
+        if telemetry is not None:
+            telemetry.close()
+
+
+def _run(args: argparse.Namespace, cfg: Any, telemetry: Any) -> int:
+    from streamtta import runner
+    from streamtta.stream.kafka.admin import wait_for_broker
+    from streamtta.stream.kafka.settings import client_settings
+
     scenario = None
     if cfg.run.replay or args.scenario:
         from streamtta.simulations.scenario import load_scenario
@@ -96,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             k.stop_at_end = True
         result = runner.consume(cfg, bootstrap, pipeline=pipeline, run_dir=run_dir,
                                 total=len(stream) if stream is not None else None, progress=progress,
-                                max_records=args.max_records)
+                                max_records=args.max_records, telemetry=telemetry)
         finishing.enter_context(on_signals(_results_first))
     with finishing:
         return _write_results(args, cfg, k, pipeline, result, stream, scenario, run_dir)

@@ -164,6 +164,10 @@ class EngineConfig(Section):
                                             "by key name).")
     seed: int = Field(0, description="Seed of adapters, scenario streams and replays.")
     record_log: bool = Field(True, description="Keep per-batch records for metrics and plots.")
+    state_store: Literal["local", "kafka"] = Field(
+        "local", description="Where per-stream states are checkpointed: 'local' (engine.checkpoint_dir) or 'kafka' "
+        "(compacted changelog topic '<topic>.<group_id>.state', restored by whichever worker gets the partition; "
+        "checkpoint_dir stays a local cache).")
     max_states: int = Field(1024, ge=1, description="Per-stream states kept in memory (least recently used "
                                                    "ones are checkpointed and evicted, restored on demand).")
 
@@ -174,6 +178,21 @@ class RunConfig(Section):
     rate: float | None = Field(None, gt=0, description="Replay rate in records/s; unset = as fast as possible.")
     replay: bool = Field(True, description="Replay the scenario into the input topic before consuming.")
     progress: bool = Field(True, description="Show progress bars.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (time, level, event, logger, "
+                            "stream, partition, offsets); json logs INFO and up (-vv: DEBUG).")
+
+
+class MetricsConfig(Section):
+    """The Prometheus exporter of a Kafka run (/metrics, /healthz, /readyz on one port)."""
+
+    port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics, /healthz and /readyz on this "
+                                                               "port; unset = no exporter; 0 = a free port.")
+    host: str = Field("0.0.0.0", description="Address the exporter binds to.")
+    stats_interval_ms: int = Field(1000, ge=100, description="librdkafka statistics interval (consumer lag, "
+                                                             "broker state) while the exporter runs.")
+    ready_max_poll_age_s: float = Field(30.0, gt=0, description="/readyz fails once the consumer has not been "
+                                                                "polled (no statistics report) for this long.")
 
 
 class Config(BaseSettings):
@@ -190,6 +209,7 @@ class Config(BaseSettings):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -10,11 +10,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
+from streamtta.models.cnn import CNN
 from streamtta.models.mlp import MLP
 from streamtta.models.resnet import ResNet
 
 #: ``ModelMeta.arch`` -> constructor taking ``**arch_kwargs`` plus ``mean``/``std``.
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"resnet": ResNet, "mlp": MLP}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"resnet": ResNet, "mlp": MLP, "cnn": CNN}
 
 
 def build_model(

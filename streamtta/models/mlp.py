@@ -1,6 +1,6 @@
-"""MLP with BatchNorm1d for feature vectors (sensor rows).
+"""MLP with BatchNorm1d (or LayerNorm) for feature vectors (sensor rows).
 
-Hidden layers are ``Linear -> BatchNorm1d -> ReLU``; the classifier is the final ``nn.Linear``
+Hidden layers are ``Linear -> BatchNorm1d -> ReLU`` (``norm="ln"``: ``nn.LayerNorm`` instead); the classifier is the final ``nn.Linear``
 named ``fc``. The features used for OOD scoring are the input of ``fc`` (``hidden[-1]`` numbers).
 Inputs are raw rows: the first layer ``normalize`` standardises them.
 
@@ -32,6 +32,8 @@ class MLP(nn.Module):
         Hidden widths; ``hidden[-1]`` is the feature dimension.
     dropout
         Dropout after each hidden ReLU (0 disables it).
+    norm
+        ``"bn"`` (BatchNorm1d) or ``"ln"`` (LayerNorm) after each hidden Linear.
     mean, std
         Per-feature input normalisation applied by the first layer (defaults: 0 and 1).
     """
@@ -42,6 +44,7 @@ class MLP(nn.Module):
         num_classes: int,
         hidden: Sequence[int] = (64, 64),
         dropout: float = 0.0,
+        norm: str = "bn",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
@@ -53,6 +56,8 @@ class MLP(nn.Module):
             raise ValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if norm not in ("bn", "ln"):
+            raise ValueError(f"norm must be 'bn' or 'ln', got {norm!r}")
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.feature_dim = hidden[-1]
@@ -63,7 +68,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         cin = in_features
         for h in hidden:
-            layers += [nn.Linear(cin, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(cin, h), nn.BatchNorm1d(h) if norm == "bn" else nn.LayerNorm(h), nn.ReLU(inplace=True)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             cin = h

@@ -42,7 +42,9 @@ from streamtta.models.checkpoint import ModelMeta, load_checkpoint, load_torchsc
 log = logging.getLogger("streamtta.models")
 
 #: Built-in model name -> training dataset (see :data:`streamtta.models.recipes.RECIPES`).
-BUILTIN_MODELS: dict[str, str] = {"digits-resnet": "digits", "segment-mlp": "segment"}
+BUILTIN_MODELS: dict[str, str] = {"digits-resnet": "digits", "segment-mlp": "segment", "digits-cnn": "digits",
+                                  "digits-cnn-gn": "digits", "digits-cnn-ln": "digits", "segment-mlp-ln": "segment",
+                                  "digits-resnet-gn": "digits", "digits-resnet-ln": "digits"}
 
 class ModelSpecError(ValueError):
     """A model spec cannot be resolved or loaded; the message names the spec and the reason."""
@@ -72,6 +74,7 @@ def builtin_path(name: str, *, train_if_missing: bool = True) -> Path:
             return folder / f"{name}.pt"
     if not train_if_missing:
         raise FileNotFoundError(f"no checkpoint for built-in model {name!r} in {CHECKPOINT_DIR} or {cache_dir()}")
+    from streamtta.models.recipes import RECIPES
     from streamtta.models.train import train_source
 
     target = None
@@ -86,7 +89,8 @@ def builtin_path(name: str, *, train_if_missing: bool = True) -> Path:
     if target is None:
         raise PermissionError(f"cannot train built-in model {name!r}: neither {cache_dir()} nor {CHECKPOINT_DIR} is writable")
     log.warning("built-in model %r has no checkpoint; training it now (seconds) and saving it to %s", name, target)
-    train_source(BUILTIN_MODELS[name], out=target, name=name, progress=False)
+    train_source(BUILTIN_MODELS[name], recipe=name if name in RECIPES else None, out=target, name=name,
+                 progress=False)
     return target
 
 

@@ -19,23 +19,24 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from streamtta.models.cnn import make_norm
 from streamtta.models.normalize import Normalize
 
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm: str = "bn") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = make_norm(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = make_norm(norm, out_channels)
         if stride != 1 or in_channels != out_channels:
             self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
+                make_norm(norm, out_channels),
             )
         else:
             self.shortcut = nn.Identity()
@@ -59,6 +60,9 @@ class ResNet(nn.Module):
         Channels of the three stages; ``widths[-1]`` is the feature dimension.
     blocks_per_stage
         ``n`` in depth ``6n + 2`` (1 -> ResNet-8, 3 -> ResNet-20).
+    norm
+        ``"bn"`` (BatchNorm2d), ``"gn"`` (GroupNorm, 8 groups) or ``"ln"`` (channels-last LayerNorm); see
+        :func:`streamtta.models.cnn.make_norm`.
     mean, std
         Per-channel input normalisation applied by the first layer (defaults: 0 and 1).
     """
@@ -69,6 +73,7 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         widths: Sequence[int] = (16, 32, 64),
         blocks_per_stage: int = 1,
+        norm: str = "bn",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
@@ -89,14 +94,14 @@ class ResNet(nn.Module):
             std if std is not None else [1.0] * in_channels,
         )
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = make_norm(norm, widths[0])
         self.relu = nn.ReLU(inplace=True)
         stages = []
         cin = widths[0]
         for i, w in enumerate(widths):
             blocks = []
             for b in range(blocks_per_stage):
-                blocks.append(BasicBlock(cin, w, stride=2 if (i > 0 and b == 0) else 1))
+                blocks.append(BasicBlock(cin, w, stride=2 if (i > 0 and b == 0) else 1, norm=norm))
                 cin = w
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

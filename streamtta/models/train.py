@@ -93,6 +93,7 @@ def train_source(
     progress: bool = True,
     created_by: str | None = None,
     num_threads: int | None = 1,
+    recipe: str | None = None,
 ) -> tuple[nn.Module, ModelMeta]:
     """Train a source model on the clean known-class train split of ``dataset``.
 
@@ -105,7 +106,7 @@ def train_source(
         digits (8, 9) / the last Segment class.
     epochs, lr, batch_size, weight_decay
         Optimisation (SGD + Nesterov momentum 0.9, linear warm-up then cosine decay); ``None``
-        takes the dataset recipe in :data:`RECIPES`.
+        takes the recipe's values.
     seed
         Seeds initialisation, shuffling, augmentation and dropout.
     out
@@ -115,6 +116,8 @@ def train_source(
         different seeds share the same test data and holdout.
     progress
         Show a rich progress bar.
+    recipe
+        A key of :data:`RECIPES` (e.g. ``"digits-cnn-ln"``, a held-out backbone); default: the dataset's.
     num_threads
         torch intra-op threads while training (restored afterwards). The default 1 makes the
         result independent of the machine's core count; ``None`` keeps the current setting.
@@ -124,7 +127,12 @@ def train_source(
     ``(model, meta)`` with the model in eval mode.
     """
     key = canonical_dataset(dataset)
-    recipe = RECIPES[key]
+    if recipe is not None and recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
+    recipe_name = recipe
+    recipe = RECIPES[recipe or key]
+    if (recipe.dataset or key) != key:
+        raise ValueError(f"recipe {recipe_name!r} trains on {recipe.dataset!r}, not {key!r}")
     epochs = recipe.epochs if epochs is None else int(epochs)
     lr = recipe.lr if lr is None else float(lr)
     batch_size = recipe.batch_size if batch_size is None else int(batch_size)
@@ -145,6 +153,7 @@ def train_source(
         "weight-decay": None if weight_decay == recipe.weight_decay else weight_decay,
         "holdout-fraction": None if holdout_fraction == 0.15 else holdout_fraction,
         "name": None if model_name == recipe.name else model_name,
+        "recipe": recipe_name,
     }
     meta = _untrained_meta(
         split, key, recipe, known, fit_idx, hold_idx, model_name=model_name, seed=seed, epochs=epochs,
@@ -271,6 +280,8 @@ def _evaluated_meta(meta: ModelMeta, model: nn.Module, *, has_holdout: bool, tra
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``streamtta train-source`` (shared with ``python -m streamtta.models.train``)."""
     parser.add_argument("--dataset", default="digits", help="digits | segment")
+    parser.add_argument("--recipe", default=None, help="a named recipe instead of the dataset's default, e.g. "
+                        "digits-cnn-ln (see streamtta.models.recipes)")
     parser.add_argument("--known-classes", default=None, help="comma-separated class ids, in output order")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -294,7 +305,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[nn.Module, ModelMeta]:
     return train_source(
         args.dataset, known_classes=known, epochs=args.epochs, seed=args.seed, out=args.out, lr=args.lr,
         batch_size=args.batch_size, weight_decay=args.weight_decay, holdout_fraction=args.holdout_fraction,
-        name=args.name, progress=not args.no_progress,
+        name=args.name, progress=not args.no_progress, recipe=args.recipe,
     )
 
 

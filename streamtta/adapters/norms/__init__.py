@@ -3,7 +3,9 @@
 * :class:`BatchStatsNorm` -- BN-adapt, test-batch statistics (``"bn"``);
 * :class:`RobustBatchNorm` -- RoTTA's robust EMA statistics (``"rbn"``);
 * :class:`UnMixTNS` -- UnMix-TNS, K un-mixed statistics components (``"unmix-tns"``);
-* :class:`ClassBalancedNorm` -- BN-adapt corrected for the batch's class mix (``"cb-stats"``).
+* :class:`ClassBalancedNorm` -- BN-adapt corrected for the batch's class mix (``"cb-stats"``);
+* :class:`AlignedNorm` -- replaces LayerNorm / GroupNorm instead: their output aligned per channel to its
+  source statistics with the test batch's (``"align"``).
 
 ``make_norm_factory(name, **kwargs)`` returns the ``bn -> layer`` factory used by
 :func:`replace_batchnorms`; ``"source"`` keeps the original BatchNorm layers (frozen running stats).
@@ -24,6 +26,7 @@ from streamtta.adapters.norms.base import (
     set_stats_mode,
     source_stats,
 )
+from streamtta.adapters.norms.aligned import AlignedNorm, replace_sample_norms
 from streamtta.adapters.norms.bn_adapt import BatchStatsNorm
 from streamtta.adapters.norms.class_balanced import ClassBalancedNorm, em_class_mix, label_norms, set_class_mix
 from streamtta.adapters.norms.rbn import RobustBatchNorm
@@ -35,6 +38,7 @@ NORM_CLASSES: dict[str, type[AdaptiveNorm] | None] = {
     "rbn": RobustBatchNorm,
     "unmix-tns": UnMixTNS,
     "cb-stats": ClassBalancedNorm,
+    "align": AlignedNorm,
 }
 
 
@@ -59,7 +63,15 @@ def make_norm_factory(name: str, seed: int | None = 0, **kwargs: Any) -> Callabl
             kw["seed"] = None if seed is None else int(seed) + next(counter)
         return cls.from_bn(bn, **kw)
 
+    factory.kwargs = dict(kwargs)  # type: ignore[attr-defined]
     return factory
+
+
+def replace_norms(model: nn.Module, name: str, factory: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Swap the layers norm ``name`` replaces: LayerNorm / GroupNorm for ``"align"``, else BatchNorm."""
+    if name == "align":
+        return replace_sample_norms(model, **{k: v for k, v in getattr(factory, "kwargs", {}).items()})
+    return replace_batchnorms(model, factory)
 
 
 __all__ = [
@@ -74,6 +86,8 @@ __all__ = [
     "NORM_CLASSES",
     "make_norm_factory",
     "replace_batchnorms",
+    "replace_norms",
+    "AlignedNorm",
     "set_stats_mode",
     "frozen_stats",
     "commit_stats",

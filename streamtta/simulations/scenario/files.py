@@ -80,15 +80,17 @@ def list_scenarios(directory: str | os.PathLike[str] | None = None) -> list[Path
 
 
 def find_scenario(name_or_path: str | os.PathLike[str]) -> Scenario:
-    """Load a scenario by path, or by name from ``./simulations/`` then the repository's folder."""
+    """Load a scenario by path, or by name from ``./simulations/`` then the repository's folder (each with its
+    ``heldout/`` subfolder: the held-out scenarios, never used for tuning)."""
     p = Path(name_or_path)
     if p.is_file():
         return load_scenario(p)
     stem = p.name[:-5] if p.name.endswith(".toml") else p.name
-    for d in (Path.cwd() / "simulations", REPO_SCENARIO_DIR):
+    for d in (Path.cwd() / "simulations", Path.cwd() / "simulations" / "heldout", REPO_SCENARIO_DIR,
+              REPO_SCENARIO_DIR / "heldout"):
         cand = d / f"{stem}.toml"
         if cand.is_file():
             return load_scenario(cand)
-    known = sorted({q.stem for q in list_scenarios()})
+    known = sorted({q.stem for q in list_scenarios() + list_scenarios(REPO_SCENARIO_DIR / "heldout")})
     raise ScenarioError(f"no scenario {str(name_or_path)!r}; built-in scenarios: {known}")
 

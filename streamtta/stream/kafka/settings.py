@@ -10,9 +10,11 @@ ValueError: KafkaSource: enable.auto.commit=true would break at-least-once deliv
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-__all__ = ["CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "consumer_config", "producer_config", "client_settings"]
+__all__ = ["CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "client_settings", "consumer_config", "producer_config",
+           "stats_settings"]
 
 #: librdkafka consumer settings used unless overridden (see :mod:`streamtta.stream.kafka` for the reasons).
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -86,3 +88,15 @@ def client_settings(kafka: Any, role: str) -> dict[str, Any]:
     if role not in own:
         raise ValueError(f"client_settings: role must be one of {sorted(own)}, got {role!r}")
     return {**_kconf(kafka.security), **_kconf(own[role])}
+
+
+def stats_settings(interval_ms: int, on_stats: Callable[[str], None]) -> dict[str, Any]:
+    """Settings that make a client hand its statistics (librdkafka's JSON text) to ``on_stats`` every
+    ``interval_ms``; a consumer calls it from inside ``consume()`` (so a report also says it was polled).
+
+    >>> sorted(stats_settings(1000, print))
+    ['statistics.interval.ms', 'stats_cb']
+    """
+    if int(interval_ms) <= 0:
+        raise ValueError(f"statistics interval must be > 0 ms, got {interval_ms}")
+    return {"statistics.interval.ms": int(interval_ms), "stats_cb": on_stats}

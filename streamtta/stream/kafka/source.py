@@ -20,7 +20,7 @@ from streamtta.stream.kafka.errors import (
     is_transient,
     quiet,
 )
-from streamtta.stream.kafka.settings import consumer_config
+from streamtta.stream.kafka.settings import consumer_config, stats_settings
 from streamtta.types import RawRecord
 
 __all__ = ["KafkaSource", "to_raw"]
@@ -50,6 +50,9 @@ class KafkaSource:
     retry_timeout_s
         How long :meth:`commit` retries a commit that failed because the broker or the group
         coordinator is away (a broker restart), with backoff, before it raises :class:`CommitError`.
+    on_stats, stats_interval_ms
+        With ``on_stats``, librdkafka's statistics (JSON text: consumer lag per partition, broker states,
+        group state) are passed to it every ``stats_interval_ms``, from inside :meth:`consume`.
 
     librdkafka's log and error events go through a :class:`~streamtta.stream.kafka.errors.ClientLog`
     (:attr:`client_log`): each kind once, repeats at DEBUG, unless ``overrides`` set their own
@@ -71,7 +74,8 @@ class KafkaSource:
 
     def __init__(self, bootstrap_servers: str, topics: Iterable[str] | str, group_id: str, *,
                  overrides: Mapping[str, Any] | None = None, stop_at_end: bool = False,
-                 retry_timeout_s: float = 30.0) -> None:
+                 retry_timeout_s: float = 30.0, on_stats: Callable[[str], None] | None = None,
+                 stats_interval_ms: int = 1000) -> None:
         if isinstance(topics, str):
             topics = [topics]
         self.topics = list(topics)
@@ -86,6 +90,8 @@ class KafkaSource:
         self.client_log = ClientLog("consumer")
         conf = quiet(consumer_config(bootstrap_servers, group_id, overrides, stop_at_end=stop_at_end),
                      self.client_log)
+        if on_stats is not None:
+            conf.update(stats_settings(stats_interval_ms, on_stats))
         self.config = conf
         self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self._assign_cbs: list[RebalanceCallback] = []

@@ -1,0 +1,64 @@
+"""``streamtta top`` (issue 17): reads a worker's /metrics and shows throughput, lag, OOD rate, latency
+quantiles and alerts by kind; ``--once`` prints one frame."""
+from __future__ import annotations
+
+import json
+import re
+
+from streamtta.alerts import Alert, OffsetRange
+from streamtta.cli import main
+from streamtta.ops.metrics import EngineMetrics
+from streamtta.ops.scrape import parse, quantile, rate, summarize
+from streamtta.ops.server import OpsServer
+
+
+def test_quantiles_and_rates_from_two_scrapes():
+    m = EngineMetrics(process=False)
+    for s in (0.002,) * 50 + (0.2,) * 50:
+        m.step_seconds.observe(s)
+    a = parse(m.exposition().decode(), at=10.0)
+    for s in (0.02,) * 100:  # the window between the scrapes: only 20 ms steps
+        m.step_seconds.observe(s)
+    m.records.labels("processed").inc(400)
+    m.ood.inc(100)
+    b = parse(m.exposition().decode(), at=12.0)
+    everything = quantile(b.buckets("streamtta_step_seconds"), 0.5)
+    assert 0.005 < everything <= 0.025  # the median of all 200 steps lies in the (10 ms, 25 ms] bucket
+    s = summarize(a, b)
+    assert 0.01 < s["latency"]["step"]["p50"] <= 0.025 and 0.01 < s["latency"]["step"]["p99"] <= 0.025
+    assert s["rates"]["processed"] == 200.0 and s["ood_fraction"] == 0.25
+    restarted = parse(EngineMetrics(process=False).exposition().decode(), at=14.0)
+    assert rate(b, restarted, "streamtta_records_total", outcome="processed") == 0.0  # restart: counts from 0
+
+
+def test_top_once_prints_one_frame(capsys):
+    m = EngineMetrics(process=True)
+    m.on_stats(json.dumps({"topics": {"in": {"partitions": {"0": {"consumer_lag": 4321}}}}}))
+    m.alert(Alert.create("covariate_shift", "cam", OffsetRange(topic="in", partition=0, first=0, last=63)))
+    m.states.set(3)
+
+    def scrape():  # the worker moves on between the two scrapes of --once
+        m.records.labels("consumed").inc(64)
+        m.records.labels("processed").inc(64)
+        m.step_seconds.observe(0.03)
+        m.alert(Alert.create("ood_burst", "cam", OffsetRange(topic="in", partition=0, first=64, last=127)))
+        return m.exposition()
+
+    srv = OpsServer("127.0.0.1", 0, scrape, lambda: (True, {})).start()
+    try:
+        assert main(["top", "--url", srv.url, "--once", "--interval", "0.05"]) == 0
+    finally:
+        srv.close()
+    out = capsys.readouterr().out
+    assert "in[0]" in out and "4,321" in out  # lag per partition
+    assert re.search(r"consumed\s+│\s+128\s+│\s+[\d,.]+", out)  # total and a rate
+    assert re.search(r"covariate_shift\s+│\s+0\s+│\s+1", out) and re.search(r"ood_burst\s+│\s+1\s+│\s+2", out)
+    assert "states 3" in out and re.search(r"step\s+│\s+[\d.]+ ms", out)
+
+
+def test_top_once_without_a_worker_fails(capsys):
+    srv = OpsServer("127.0.0.1", 0, lambda: b"", lambda: (True, {})).start()
+    url = srv.url
+    srv.close()  # nothing listens there any more
+    assert main(["top", "--url", url, "--once", "--interval", "0"]) == 1
+    assert "cannot scrape" in capsys.readouterr().out
