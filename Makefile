@@ -39,6 +39,12 @@ checkpoints: $(STAMP)
 	$(VENV)/bin/streamtta train-source --dataset digits --seed 0 --out streamtta/models/checkpoints/digits-resnet.pt
 	$(VENV)/bin/streamtta train-source --dataset segment --seed 0 --out streamtta/models/checkpoints/segment-mlp.pt
 	$(VENV)/bin/streamtta meta-train --model digits-resnet --seed 0
+	# tuning-side GroupNorm / LayerNorm variants, and the held-out backbones (never used for tuning)
+	for r in digits-resnet-gn digits-resnet-ln; do \
+		$(VENV)/bin/streamtta train-source --dataset digits --recipe $$r --seed 0 --out streamtta/models/checkpoints/$$r.pt; done
+	for r in digits-cnn digits-cnn-gn digits-cnn-ln; do \
+		$(VENV)/bin/streamtta train-source --dataset digits --recipe $$r --seed 1 --out streamtta/models/checkpoints/$$r.pt; done
+	$(VENV)/bin/streamtta train-source --dataset segment --recipe segment-mlp-ln --seed 1 --out streamtta/models/checkpoints/segment-mlp-ln.pt
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs .streamtta

@@ -233,6 +233,44 @@ def _finish_cost(rows: list[dict[str, Any]], console: Any, json_out: Path | None
     return 0
 
 
+def run_throughput(cfg: Config, scenarios: list[str], *, batch_sizes: list[int], samples: int, workers: list[int],
+                   json_out: Path | None = None, markdown_out: Path | None = None) -> int:
+    """``bench --throughput`` (:mod:`streamtta.throughput`) on each scenario: print, write JSON / markdown."""
+    import datetime as dt
+    import json
+
+    from rich.console import Console
+
+    from streamtta import runner
+    from streamtta.reports import collect_versions, to_jsonable
+    from streamtta.simulations.scenario import load_scenario
+    from streamtta.throughput import measure_throughput, print_throughput, throughput_markdown
+
+    console = Console() if sys.stdout.isatty() else Console(width=220)
+    t_start = time.perf_counter()
+    docs = []
+    for name in scenarios:
+        scenario = load_scenario(runner.resolve_scenario(name))
+        scfg = cfg.model_copy(deep=True)
+        runner.use_scenario_model(scfg, scenario)
+        doc = measure_throughput(scfg, scenario, batch_sizes=batch_sizes, samples=samples, workers=workers,
+                                 seed=scfg.engine.seed, say=lambda m: console.print(f"[dim]{m}[/]"))
+        print_throughput(doc, console)
+        docs.append(doc)
+    if json_out is not None:
+        out = {"schema_version": 1, "kind": "throughput", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+               "command": " ".join(_command_line()), "versions": collect_versions(), "results": docs}
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(to_jsonable(out), indent=2))
+        console.print(f"throughput JSON -> {json_out}")
+    if markdown_out is not None:
+        Path(markdown_out).write_text("\n".join(f"### {d['scenario']} ({d['adapter']})\n\n{throughput_markdown(d)}"
+                                                for d in docs))
+        console.print(f"markdown -> {markdown_out}")
+    console.print(f"bench wall time {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
 def compare_to_source(acc: Any, source_acc: Any) -> dict[str, float]:
     """Per-batch accuracy against the non-adapting source model on the same batches: the longest run
     of consecutive batches below it and the share of batches below it (percent).

@@ -53,7 +53,7 @@ def _runnable_default(model: torch.nn.Module) -> str:
     """What ``"default"`` means for ``model`` (:func:`~streamtta.adapters.defaults.default_spec`), with a
     logged warning when a TorchScript model cannot run the BatchNorm default or the model has no BatchNorm."""
     from streamtta.adapters import DEFAULT_SPEC
-    from streamtta.adapters.defaults import NO_BATCHNORM_SCRIPT_SPEC, NO_BATCHNORM_SPEC, default_spec, has_batchnorm
+    from streamtta.adapters.defaults import NO_BATCHNORM_SPEC, default_spec, has_batchnorm
     from streamtta.adapters.scripted import is_script
 
     chosen = default_spec(model)
@@ -62,12 +62,13 @@ def _runnable_default(model: torch.nn.Module) -> str:
         log.warning(f"adapter: the default spec {DEFAULT_SPEC!r} cannot run on this TorchScript model (its BatchNorm "
                     f"layers cannot be replaced inside a compiled graph); using {chosen!r}. Load the eager module "
                     "('module:factory' + weights) for the default")
-    elif chosen in (NO_BATCHNORM_SPEC, NO_BATCHNORM_SCRIPT_SPEC):
-        log.info("adapter: the model has no BatchNorm layer; the default is entropy-filtered updates of its norm "
-                 "affine parameters: %s", chosen)
+    elif chosen == NO_BATCHNORM_SPEC:
+        log.info("adapter: the model has no BatchNorm layer; the default aligns its LayerNorm/GroupNorm outputs to "
+                 "their source statistics (%r)", chosen)
     elif chosen == "source":
-        log.warning("adapter: the model has no normalisation layer with affine parameters; nothing to adapt "
-                    "(adapter 'source')")
+        log.warning("adapter: nothing for the default to adapt in this model (no BatchNorm, and no LayerNorm/GroupNorm "
+                    "layer that can be replaced%s); adapter 'source'. Gradient specs such as 'source+tent' still run",
+                    " in a compiled graph" if is_script(model) else "")
     return chosen
 
 

@@ -134,6 +134,11 @@ class CheckpointStore:
     def save(self, key: str, state: dict[str, Any]) -> None:
         self.save_bytes(key, encode_checkpoint(key, state))
 
+    def save_many(self, states: dict[str, dict[str, Any]]) -> None:
+        """:meth:`save` each of ``states`` (key -> state), in order; stores that can batch writes override it."""
+        for key, state in states.items():
+            self.save(key, state)
+
     def save_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` (see :func:`encode_checkpoint`) as the checkpoint of ``key``, atomically."""
         target = self.path(key)

@@ -280,15 +280,19 @@ class Engine:
             point("flush")
             sink.flush(max(30.0, self.cfg.kafka.connect_timeout_s))
         if self.store is not None:
-            for key in sorted(self._dirty):
-                if key in self.states:
-                    st = self.states[key]
-                    # held predictions travel with the state that has adapted on their records: a restart
-                    # writes them instead of adapting on those records a second time
-                    held = [d for res in st.pipe.held for d in prediction_docs(res)]
-                    st.committed.update({tp: o for tp, o in self._committed.items() if tp in st.next_offsets})
-                    point("checkpoint")
-                    self.observe.checkpoint(key, st.next_offsets, timed(self.store.save, key, st.state_dict(held))[1])
+            states = {}
+            for key in sorted(k for k in self._dirty if k in self.states):
+                st = self.states[key]
+                # held predictions travel with the state that has adapted on their records: a restart
+                # writes them instead of adapting on those records a second time
+                held = [d for res in st.pipe.held for d in prediction_docs(res)]
+                st.committed.update({tp: o for tp, o in self._committed.items() if tp in st.next_offsets})
+                states[key] = st.state_dict(held)
+            if states:  # one write for all (a Kafka changelog waits for one acknowledgement round)
+                point("checkpoint")
+                seconds = timed(self.store.save_many, states)[1]
+                for key in states:
+                    self.observe.checkpoint(key, self.states[key].next_offsets, seconds / len(states))
         point("commit")
         stored, seconds = timed(self.source.commit, dict(self._pending_commit))
         self.observe.commit(self._pending_commit, seconds, stored is not False)

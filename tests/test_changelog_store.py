@@ -49,6 +49,24 @@ def test_index_keeps_the_last_complete_versions_through_many_torn_ones():
     assert [v.vid for v in idx.candidates("k")] == ["ok"] and idx.newest_seq("k") == 29
 
 
+def test_foreign_or_malformed_records_are_ignored_never_raised():
+    h = "streamtta.state."
+    junk = [
+        [(h + "key", b"\xff\xfe"), (h + "seq", b"1")],  # not UTF-8: another producer's bytes
+        [(h + "key", b"k"), (h + "seq", b"\xc3")],  # a truncated UTF-8 sequence
+        [(h + "key", b"k"), (h + "seq", b"9"), (h + "id", b"z"), (h + "slot", b"0"), (h + "chunk", b"0"),
+         (h + "chunks", b"0"), (h + "sha256", b"e3b0"), (h + "size", b"0")],  # zero chunks: never complete
+        [(h + "key", b"k"), (h + "seq", b"9"), (h + "id", b"y"), (h + "slot", b"7"), (h + "chunk", b"0"),
+         (h + "chunks", b"1"), (h + "sha256", b"e3b0"), (h + "size", b"0")],  # a slot that is not 0 or 1
+        [(h + "key", b"k"), (h + "seq", b"-3"), (h + "type", b"rejected")],  # a negative seq
+    ]
+    idx = _index(("k", 1, "a", 0, b"abc", 2, None))
+    for off, headers in enumerate(junk, start=100):
+        idx.add(0, off, headers)
+    assert [(v.seq, v.vid) for v in idx.candidates("k")] == [(1, "a")]
+    assert idx.newest_seq("k") == 1 and idx.free_slot("k") == 1 and idx.rejected("k") == 0
+
+
 @pytest.fixture
 def bs(embedded_broker):
     return embedded_broker.bootstrap_servers
@@ -139,3 +157,17 @@ def test_make_state_store_follows_engine_state_store(bs, tmp_path):
     store = KafkaStateStore.from_config(cfg, bs)
     assert store.changelog.topic == changelog_topic(cfg.kafka.topic, "g") and store.directory.parent == tmp_path
     store.close()
+
+
+def test_junk_in_the_changelog_is_data_the_store_skips(bs, tmp_path):
+    topic = f"junk-{uuid.uuid4().hex[:8]}.state"
+    a = _store(bs, topic, tmp_path / "a")
+    a.save("k", {"n": 1})
+    prod = make_producer(bs)
+    for p in range(a.changelog.partitions):  # a record another client wrote, headers not UTF-8
+        prod.produce(topic, key=b"k#0.0", value=b"\x80junk", headers=[("streamtta.state.key", b"\xff"),
+                                                                      ("streamtta.state.seq", b"\xfe")], partition=p)
+    assert prod.flush(10) == 0
+    b = _store(bs, topic, tmp_path / "b")
+    assert b.load("k") == {"n": 1} and b.restores[-1]["source"] == "changelog"
+    a.close(), b.close()

@@ -106,3 +106,28 @@ def test_log_format_flag_and_config(root_logging):
     assert any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
     assert resolve_config(build_parser().parse_args(["run"])).run.log_format == "text"
     assert resolve_config(build_parser().parse_args(["run"])).metrics.port is None
+
+
+def test_json_logs_mask_secrets_in_every_field(root_logging):
+    buf = io.StringIO()
+    use_json_logs(stream=buf)
+    install_redaction(Config(kafka={"security": {"sasl.password": "hunter3-secret"}}))
+    logging.getLogger("streamtta.test").warning("auth", extra={"event": "auth with hunter3-secret",
+                                                                "stream": "hunter3-secret"})
+    text = buf.getvalue()
+    assert "hunter3-secret" not in text and json_lines(buf)[0]["stream"] == "***"
+
+
+def test_a_failed_command_ends_with_a_json_fatal_line(tmp_path, root_logging, capsys):
+    """Under --log-format json the error a command stops on is a JSON line too (event "fatal", exit code)."""
+    from streamtta import cli
+
+    missing = tmp_path / "nowhere.toml"
+    assert cli.main(["config", "show", "--log-format", "json", "--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    fatal = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert fatal and fatal[-1]["event"] == "fatal" and fatal[-1]["exit_code"] == 2
+    assert fatal[-1]["level"] == "CRITICAL" and str(missing) in fatal[-1]["message"]
+    assert not [line for line in err.splitlines() if line.startswith("streamtta:")]  # no plain-text line
+    assert cli.main(["config", "show", "--config", str(missing)]) == 2  # text logs: the plain line
+    assert capsys.readouterr().err.startswith("streamtta: ")

@@ -87,6 +87,29 @@ def test_lag_follows_statistics_and_drops_revoked_partitions():
     assert m.value("streamtta_consumer_lag", topic="t", partition="1") is None
 
 
+def test_lag_of_a_stopped_engine_is_not_served_stale():
+    t = Telemetry(process=False)
+    with t.consuming():
+        t.on_stats({"topics": {"t": {"partitions": {"0": {"consumer_lag": 7}}}}})
+        assert t.metrics.value("streamtta_consumer_lag", topic="t", partition="0") == 7
+    # the consumer is closed: no report will update the gauge again, so it goes rather than freeze at 7
+    assert t.metrics.value("streamtta_consumer_lag", topic="t", partition="0") is None
+
+
+def test_an_idle_connection_does_not_hold_an_endpoint_thread_forever():
+    import socket
+
+    from streamtta.ops.server import OpsServer
+
+    srv = OpsServer("127.0.0.1", 0, lambda: b"x 1\n", lambda: (True, {}), timeout_s=0.2).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+            assert sock.recv(1) == b""  # sent nothing: the server closes the connection (no timeout here)
+        assert urllib.request.urlopen(f"{srv.url}/healthz", timeout=60).status == 200
+    finally:
+        srv.close()
+
+
 def test_readiness_says_what_is_missing():
     now = [0.0]
     r = Readiness(max_poll_age_s=5, clock=lambda: now[0])

@@ -62,3 +62,12 @@ def test_top_once_without_a_worker_fails(capsys):
     srv.close()  # nothing listens there any more
     assert main(["top", "--url", url, "--once", "--interval", "0"]) == 1
     assert "cannot scrape" in capsys.readouterr().out
+
+
+def test_top_once_on_something_that_is_not_prometheus_says_so(capsys):
+    srv = OpsServer("127.0.0.1", 0, lambda: b"<html>{ this is Grafana, not /metrics\n", lambda: (True, {})).start()
+    try:  # e.g. --url pointing at the wrong port: an error frame and exit 1, no traceback
+        assert main(["top", "--url", srv.url, "--once", "--interval", "0"]) == 1
+    finally:
+        srv.close()
+    assert "cannot scrape" in capsys.readouterr().out

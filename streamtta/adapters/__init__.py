@@ -48,7 +48,11 @@ single source-like samples (first-layer instance statistics within the clean-sou
 measured in the same pass) when their batch also holds far samples
 (gradual domain transitions) or when the statistics the adapter used do not fit them (still tuned
 to a previous, far domain).
-Gradient steps are opt-in, e.g. ``"cb-stats+tent+conf-drop+ema-source"``.
+Gradient steps are opt-in, e.g. ``"cb-stats+tent+conf-drop+ema-source"``. That is the default of
+BatchNorm models; ``"default"`` resolves per model (:func:`~streamtta.adapters.defaults.default_spec`): a
+GroupNorm / LayerNorm model gets ``align`` (its norm outputs re-standardised per channel onto their source
+statistics on batches that hold most classes) with entropy-filtered, reset-guarded updates of the norm affine
+parameters; a TorchScript model the closest spec it can run.
 
 Layout: :mod:`~streamtta.adapters.composite` (the adapter and its step),
 :mod:`~streamtta.adapters.spec` (the spec API: :mod:`~streamtta.adapters.terms`,

@@ -3,11 +3,12 @@
 * a model with BatchNorm layers: :data:`~streamtta.adapters.terms.DEFAULT_SPEC` (class-balanced test
   statistics with the source fallback, gradient-free);
 * a model whose norm layers are all GroupNorm / LayerNorm (no batch statistics to re-estimate):
-  :data:`NO_BATCHNORM_SPEC` -- ``align`` (their outputs re-standardised per channel with the test batch's
-  statistics onto the source ones, measured by ``fit_source``; not on class-correlated batches, see
-  :mod:`streamtta.adapters.norms.aligned`) plus entropy-filtered updates of the norm affine parameters
-  (SAR-style: only samples whose entropy is below ``0.4 ln C`` feed the update, a reset when the entropy EMA
-  collapses, a pull of the weights towards the source); on TorchScript :data:`NO_BATCHNORM_SCRIPT_SPEC`;
+  :data:`NO_BATCHNORM_SPEC` = ``align`` -- their outputs re-standardised per channel with the test batch's
+  statistics onto the source ones (measured by ``fit_source``; not on batches of a few classes, see
+  :mod:`streamtta.adapters.norms.aligned`). Entropy-filtered updates of the norm affine parameters
+  (SAR-style, :data:`NO_BATCHNORM_GRADIENT_SPEC`) are opt-in: on the tuning streams they gained nothing over
+  ``align`` and, at TENT's learning rate, collapsed a LayerNorm model on a continual stream (README,
+  "Held-out scenarios and backbones"); on TorchScript (no layer can be replaced) the default is ``source``;
 * a model without any norm affine parameter: ``"source"`` (nothing to adapt);
 * a TorchScript model: the closest spec that runs on it (:func:`~streamtta.adapters.scripted.runnable_default`).
 
@@ -29,9 +30,12 @@ from streamtta.adapters.terms import DEFAULT_SPEC
 
 #: The default of models without BatchNorm (GroupNorm / LayerNorm); chosen on the ``digits-c`` scenarios
 #: with the ``digits-resnet-gn`` / ``digits-resnet-ln`` backbones, reported on held-out ones.
-NO_BATCHNORM_SPEC = "align+tent+ent-margin+sar-reset+ema-source"
-#: The same on a TorchScript model (its LayerNorm / GroupNorm layers cannot be replaced: no ``align``).
-NO_BATCHNORM_SCRIPT_SPEC = "source+tent+ent-margin+sar-reset+ema-source"
+NO_BATCHNORM_SPEC = "align"
+#: The entropy-filtered variant (opt-in): align plus SAR-style filtered entropy updates of the norm affine
+#: parameters at a small learning rate, reset on collapse, pulled towards the source.
+NO_BATCHNORM_GRADIENT_SPEC = "align+tent(lr=0.0002)+ent-margin+sar-reset+ema-source"
+#: The default on a TorchScript model without BatchNorm (``align`` cannot replace compiled layers).
+NO_BATCHNORM_SCRIPT_SPEC = "source"
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -45,14 +49,15 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 def default_spec(model: nn.Module) -> str:
     """The spec ``"default"`` stands for on ``model`` (see the module docstring)."""
-    from streamtta.adapters.common import iter_norm_modules
     from streamtta.adapters.scripted import is_script, runnable_default
 
     if has_batchnorm(model):
         return runnable_default(model, DEFAULT_SPEC) if is_script(model) else DEFAULT_SPEC
-    if not any(getattr(m, "weight", None) is not None for _, m in iter_norm_modules(model)):
-        return "source"  # no affine norm parameter (a loaded TorchScript module holds plain tensors)
-    return NO_BATCHNORM_SCRIPT_SPEC if is_script(model) else NO_BATCHNORM_SPEC
+    alignable = any(isinstance(m, nn.GroupNorm) or (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1)
+                    for m in model.modules())
+    if is_script(model) or not alignable:
+        return NO_BATCHNORM_SCRIPT_SPEC if is_script(model) else "source"
+    return NO_BATCHNORM_SPEC
 
 
 def is_default(spec: object) -> bool:

@@ -12,7 +12,8 @@ Terms, by kind (aliases in brackets):
   ``bn`` [bn-adapt, tbn] (test-batch statistics), ``rbn`` [rotta-stats, robust-bn] (RoTTA's
   robust EMA statistics), ``unmix-tns`` [unmix, unmixtns] (UnMix-TNS as published),
   ``cb-stats`` [cbn, class-balanced] (test-batch statistics corrected for the batch's class mix,
-  see :mod:`streamtta.adapters.norms.class_balanced`);
+  see :mod:`streamtta.adapters.norms.class_balanced`), ``align`` (LayerNorm / GroupNorm models: their
+  outputs re-standardised per channel onto the source statistics, see :mod:`streamtta.adapters.norms.aligned`);
 * **objective** (at most one): ``tent`` [entropy], ``eata-loss`` (exp(E0-H)-weighted entropy);
 * **filter** (any, applied in the order written): ``conf-drop`` (open-set confidence-drop),
   ``ent-margin`` (EATA reliability, H < E0), ``redundancy`` (EATA non-redundancy);
@@ -21,7 +22,8 @@ Terms, by kind (aliases in brackets):
   the source model's prediction on batches where it agrees with the adapted one, i.e. benign domains);
 * **macros** expand in place: ``eata`` [eta] = ``eata-loss+ent-margin+redundancy``;
   ``ostta`` = ``tent+conf-drop``; ``rdumb`` = ``eata+periodic(every=1000)``; ``default`` =
-  :data:`DEFAULT_SPEC`.
+  :data:`DEFAULT_SPEC` (``build_adapter("default", model, C)`` picks per model, see
+  :mod:`streamtta.adapters.defaults`).
 
 Rules: a spec with an objective but no norm uses ``bn`` (so ``"tent"`` is ``"bn+tent"``); a
 norm alone is a gradient-free adapter (``"unmix-tns"`` is UnMix-TNS with no gradient step,

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cost", action="store_true",
                    help="measure compute cost instead: plain forward vs adapter step vs scoring, per batch (ms)")
     b.add_argument("--cost-samples", type=int, default=2048, help="samples per scenario for --cost")
+    b.add_argument("--throughput", action="store_true",
+                   help="measure samples/s instead: bare forward, bare adapter step, pipeline in memory and the "
+                        "engine over an embedded broker per batch size, and 1 vs 2 engine processes (one group)")
+    b.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated batch sizes for --throughput")
+    b.add_argument("--throughput-samples", type=int, default=2048,
+                   help="samples per batch size for --throughput (batch b uses at most 64*b)")
+    b.add_argument("--workers", default="1,2", help="engine processes to compare for --throughput ('' = none)")
     b.add_argument("--soak", type=int, metavar="N",
                    help="memory soak instead: N generated sensor records through the engine (checkpoints, "
                         "spooled run log), resident memory sampled; prints JSON (also to --json)")
@@ -158,8 +165,24 @@ def main(argv: list[str] | None = None) -> int:
         with on_signals():  # a signal before an engine runs stops the command (see the module doc)
             return int(args.func(args) or 0)
     except (*usage, BrokerUnavailable, BrokerStartError, MissingTopicError, CommitError, DeliveryError) as e:
-        print(f"streamtta: {e}", file=sys.stderr)
-        return 2 if isinstance(e, usage) else 1
+        code = 2 if isinstance(e, usage) else 1
+        _fatal(str(e), code, type(e).__name__)
+        return code
     except Interrupted as e:
-        print(f"streamtta: stopped by {e.args[0].name}", file=sys.stderr)
+        _fatal(f"stopped by {e.args[0].name}", 128 + int(e.args[0]), "Interrupted")
         return 128 + int(e.args[0])
+
+
+def _fatal(message: str, code: int, error: str) -> None:
+    """The line a failed command ends with: plain text on stderr, or (``--log-format json``) one JSON log
+    line, ``event`` "fatal" with the exit code and error type, so that log shippers see it too."""
+    import logging
+
+    from streamtta.ops.logs import JsonFormatter
+
+    # JSON logs by flag, config file or environment (resolve_config switched the root handler then)
+    if not any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        print(f"streamtta: {message}", file=sys.stderr)
+        return
+    logging.getLogger("streamtta").critical("streamtta: %s", message,
+                                            extra={"event": "fatal", "exit_code": code, "error": error})

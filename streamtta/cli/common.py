@@ -115,8 +115,15 @@ def setup_logging(verbose: int, fmt: str = "text") -> None:
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = RichHandler(show_path=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
     setattr(handler, HANDLER_MARK, True)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
+    root = logging.getLogger()
+    marked = [h for h in root.handlers if getattr(h, HANDLER_MARK, False)]
+    if marked or not root.handlers:  # replace our own handlers (JSON ones too), leave an embedder's alone
+        for h in marked:
+            root.removeHandler(h)
+        root.addHandler(handler)
+        root.setLevel(level)
     install_redaction()  # every root handler masks the secrets of the configs in use
 
 

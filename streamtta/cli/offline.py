@@ -49,6 +49,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           *extra, *([] if cfg.run.progress else ["--no-progress"])])
     if not args.scenarios:
         raise ConfigError("bench needs at least one scenario (or --soak N)")
+    if args.throughput:
+        from streamtta.bench import run_throughput
+
+        return run_throughput(cfg, args.scenarios, batch_sizes=_ints(args.batch_sizes),
+                              samples=args.throughput_samples, workers=_ints(args.workers),
+                              json_out=args.json, markdown_out=args.markdown)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [parse_variant(v) for v in args.variants]
@@ -58,6 +64,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      markdown_out=args.markdown, progress=cfg.run.progress, limit=args.limit,
                      variants=variants or None, table_metrics=args.metrics, cost=args.cost,
                      cost_samples=args.cost_samples, plot_shifts_out=args.plot_shifts)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
 
 
 def cmd_train_source(args: argparse.Namespace) -> int:

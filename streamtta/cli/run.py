@@ -97,7 +97,8 @@ def _run(args: argparse.Namespace, cfg: Any, telemetry: Any) -> int:
         cfg.engine.checkpoint_dir = run_dir / "checkpoints"  # fresh embedded broker: fresh state
     out = console()
     out.print(f"[bold]streamtta run[/] -> {run_dir}")
-    runner.write_manifest(run_dir, cfg, seed=cfg.engine.seed, stream=stream.describe() if stream else None)
+    runner.write_manifest(run_dir, cfg, seed=cfg.engine.seed, stream=stream.describe() if stream else None,
+                          extra={"adapter_spec": pipeline.blueprint.spec})  # what "default" resolved to
 
     finishing = ExitStack()  # once the engine is done, a signal no longer stops the results being written
     with ExitStack() as stack:

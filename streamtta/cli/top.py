@@ -87,7 +87,7 @@ def cmd_top(args: argparse.Namespace) -> int:
             prev = fetch(args.url)
             time.sleep(max(args.interval, 0.0))
             cur = fetch(args.url)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             console.print(render(args.url, {}, error=str(e)))
             return 1
         console.print(render(args.url, summarize(prev, cur)))
@@ -100,7 +100,7 @@ def cmd_top(args: argparse.Namespace) -> int:
                     cur = fetch(args.url)
                     live.update(render(args.url, summarize(prev, cur)), refresh=True)
                     prev = cur
-                except OSError as e:
+                except (OSError, ValueError) as e:
                     live.update(render(args.url, {}, error=str(e)), refresh=True)
                 time.sleep(max(args.interval, 0.1))
         except KeyboardInterrupt:

@@ -17,7 +17,7 @@ never tuned on. Inputs are raw ``[0, 1]`` images: the first layer ``normalize`` 
 >>> net = CNN(num_classes=8, in_channels=1, norm="ln").eval()
 >>> net(torch.rand(2, 1, 32, 32)).shape, net.forward_features(torch.rand(2, 1, 32, 32)).shape
 (torch.Size([2, 8]), torch.Size([2, 64]))
->>> sorted({type(m).__name__ for m in CNN(4, norm="gn").modules() if "Norm" in type(m).__name__})
+>>> sorted({type(m).__name__ for m in CNN(4, norm="gn").modules() if type(m).__name__.endswith("Norm")})
 ['GroupNorm']
 """
 from __future__ import annotations

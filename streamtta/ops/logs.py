@@ -42,7 +42,7 @@ class JsonFormatter(logging.Formatter):
         doc: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.created % 1 * 1000):03d}Z",
             "level": record.levelname, "logger": record.name,
-            "event": str(getattr(record, "event", None) or message)}
+            "event": str(redact(getattr(record, "event", None), FILTER.values) or message)}
         if doc["event"] != message:
             doc["message"] = message
         extra = {k: v for k, v in vars(record).items() if k not in _STANDARD and k != "event"

@@ -78,9 +78,14 @@ def parse(text: str, at: float | None = None) -> Snapshot:
 
 
 def fetch(url: str, timeout: float = 5.0) -> Snapshot:
-    """Scrape ``url`` (see :func:`metrics_url`)."""
+    """Scrape ``url`` (see :func:`metrics_url`): ``OSError`` when it cannot be read, ``ValueError`` when
+    what it answers is not Prometheus text."""
     with urllib.request.urlopen(metrics_url(url), timeout=timeout) as resp:
-        return parse(resp.read().decode("utf-8"))
+        body = resp.read()
+    try:
+        return parse(body.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"{metrics_url(url)} did not answer Prometheus metrics ({e})") from None
 
 
 def rate(prev: Snapshot | None, cur: Snapshot, name: str, **labels: str) -> float | None:

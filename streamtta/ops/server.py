@@ -35,7 +35,10 @@ class OpsServer:
     """``/metrics`` (from ``metrics()``), ``/healthz`` and ``/readyz`` (from ``ready()``) on ``host:port``."""
 
     def __init__(self, host: str, port: int, metrics: Callable[[], bytes],
-                 ready: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+                 ready: Callable[[], tuple[bool, dict[str, Any]]], *, timeout_s: float = 10.0) -> None:
+        #: seconds a connection may stay silent before it is closed (a client that connects and sends
+        #: nothing would otherwise hold its handler thread for ever)
+        self.timeout_s = float(timeout_s)
         self.host, self.requested_port = host, int(port)
         self.metrics, self.ready = metrics, ready
         self._httpd: ThreadingHTTPServer | None = None
@@ -71,6 +74,8 @@ class OpsServer:
 
 def _handler(server: OpsServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = server.timeout_s  # socket timeout of each connection (StreamRequestHandler)
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             try:

@@ -75,9 +75,13 @@ class Telemetry:
 
     @contextmanager
     def consuming(self, source: Any = None) -> Iterator[None]:
-        """The engine runs inside: ``/readyz`` may answer 200 (see :class:`~streamtta.ops.health.Readiness`)."""
-        with self.readiness.consuming(source):
-            yield
+        """The engine runs inside: ``/readyz`` may answer 200 (see :class:`~streamtta.ops.health.Readiness`).
+        On the way out the lag gauges are dropped: no statistics report will update them again."""
+        try:
+            with self.readiness.consuming(source):
+                yield
+        finally:
+            self.metrics.on_stats(ConsumerStats())
 
     def close(self) -> None:
         self.server.close()

@@ -3,10 +3,10 @@
 The changelog topic of a run is ``<input topic>.<group id>.state`` (:func:`changelog_topic`), created with
 ``cleanup.policy=compact`` when missing (:func:`ensure_changelog_topic`). Each :meth:`Changelog.put_many`
 writes one new *version* of a key's bytes: its ``seq`` (callers take :meth:`Changelog.next_seq`, one
-more than the newest seq the changelog holds for the key), a random version id, and the bytes cut into chunks that fit the producer's ``message.max.bytes``.
-Every chunk carries the headers of :data:`HEADERS`: state key, seq, version id, slot, chunk index, chunk
-count, SHA-256 and size of the whole value. All records of a key go to one partition (CRC-32 of the key),
-in order. :meth:`~Changelog.put_many` returns only once every chunk is acknowledged (``acks=all``), and
+more than the newest seq the changelog holds for the key), a random version id, and the bytes cut into
+chunks that fit the producer's ``message.max.bytes``. Every chunk carries the headers of :data:`HEADERS`:
+state key, seq, version id, slot, chunk index, chunk count, SHA-256 and size of the whole value. All
+records of a key go to one partition (CRC-32 of the key), in order. :meth:`~Changelog.put_many` returns only once every chunk is acknowledged (``acks=all``), and
 raises :class:`~streamtta.stream.kafka.errors.DeliveryError` otherwise.
 
 Reading never depends on compaction: :meth:`Changelog.versions` reads every partition from where it
@@ -125,11 +125,8 @@ class Version:
 
 
 def _headers(msg_headers: Any) -> dict[str, str]:
-    out = {}
-    for k, v in msg_headers or ():
-        if k.startswith(_H) and v is not None:
-            out[k] = bytes(v).decode("utf-8", "surrogatepass")
-    return out
+    return {k: bytes(v).decode("utf-8", "surrogatepass")
+            for k, v in msg_headers or () if k.startswith(_H) and v is not None}
 
 
 class ChangelogIndex:
@@ -148,17 +145,21 @@ class ChangelogIndex:
         self._rejected: dict[str, int] = {}
 
     def add(self, partition: int, offset: int, headers: Any) -> None:
-        """Index one changelog record (records without our headers are ignored)."""
-        h = _headers(headers)
+        """Index one changelog record. Records without valid state headers (missing, not UTF-8, not
+        numbers, a negative seq, a slot other than 0 or 1, no chunks) are data another client wrote:
+        logged and ignored, never raised."""
         try:
+            h = _headers(headers)  # UnicodeDecodeError is a ValueError
             key, seq = h[_H + "key"], int(h[_H + "seq"])
-            if h.get(TYPE_HEADER) == "rejected":
+            if h.get(TYPE_HEADER) == "rejected" and seq >= 0:
                 self._rejected[key] = max(self._rejected.get(key, 0), seq)
                 return
             vid, slot, idx, count = h[_H + "id"], int(h[_H + "slot"]), int(h[_H + "chunk"]), int(h[_H + "chunks"])
             sha, size = h[_H + "sha256"], int(h[_H + "size"])
-        except (KeyError, ValueError):
-            log.debug("changelog record %d@%d has no state headers; ignored", partition, offset)
+            if seq < 0 or slot not in (0, 1) or count < 1 or size < 0:
+                raise ValueError(f"seq {seq}, slot {slot}, {count} chunks, size {size}")
+        except (KeyError, ValueError) as e:
+            log.debug("changelog record %d@%d: no valid state headers (%s); ignored", partition, offset, e)
             return
         versions = self._versions.setdefault(key, {})
         v = versions.get(vid)

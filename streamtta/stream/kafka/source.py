@@ -27,6 +27,9 @@ __all__ = ["KafkaSource", "to_raw"]
 
 log = logging.getLogger(__name__)
 
+#: :meth:`KafkaSource.consume` waits for a full batch in slices this long, so that it returns once the end is reached
+WAIT_SLICE_S = 0.1
+
 #: ``cb(partitions)`` registered with :meth:`KafkaSource.on_assign` / ``on_revoke`` / ``on_lost``.
 RebalanceCallback = Callable[[list[TopicPartition]], None]
 
@@ -113,22 +116,25 @@ class KafkaSource:
 
     # -- Source protocol -----------------------------------------------------------------------
     def consume(self, max_records: int, timeout: float) -> list[RawRecord]:
-        """Up to ``max_records`` records, waiting at most ``timeout`` seconds (``[]`` while paused)."""
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds for a full batch (``[]`` while
+        paused); with ``stop_at_end``, no longer once every assigned partition has reported its end."""
         if self._closed:
             raise RuntimeError("KafkaSource.consume() called after close()")
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
-        msgs = self._consumer.consume(num_messages=int(max_records), timeout=float(timeout))
+        deadline = time.monotonic() + float(timeout)
         out: list[RawRecord] = []
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                self._handle_error(m, err)
-                continue
-            tp = (m.topic(), m.partition())
-            self._eof[tp] = False
-            out.append(to_raw(m))
-        return out
+        while True:  # waits in slices: a batch cut short by the end of the stream goes out at once, not at timeout
+            wait = max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic()))
+            for m in self._consumer.consume(num_messages=int(max_records) - len(out), timeout=wait):
+                err = m.error()
+                if err is not None:
+                    self._handle_error(m, err)
+                    continue
+                self._eof[(m.topic(), m.partition())] = False
+                out.append(to_raw(m))
+            if len(out) >= max_records or time.monotonic() >= deadline or self.at_end():
+                return out
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
         """Synchronously commit next offsets ``{(topic, partition): last processed + 1}``; True once the
