@@ -8,7 +8,7 @@ TORCH_PIP_ARGS ?=
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test bench checkpoints clean help
+.PHONY: venv run test bench checkpoints clean help gpu-check
 
 help:
 	@echo "make run    - embedded Kafka broker + built-in scenario through the engine, end to end"
@@ -34,6 +34,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/streamtta bench simulations/digits-c-iid.toml simulations/digits-c-sorted.toml \
 		--methods source,bn --seeds 1,2,3 --json runs/bench-basic.json --plot runs/bench-basic.png
+
+gpu-check: $(STAMP)
+	$(PY) -m streamtta.gpucheck --device cuda $(ARGS)
 
 checkpoints: $(STAMP)
 	$(VENV)/bin/streamtta train-source --dataset digits --seed 0 --out streamtta/models/checkpoints/digits-resnet.pt

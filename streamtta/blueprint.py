@@ -9,10 +9,17 @@ reference). :meth:`Blueprint.new_parts` gives a fresh, independent set of per-st
 The scorers are fitted in the *adapter's* feature space: the source data go through a fresh adapter in
 shuffled i.i.d. batches of the engine's batch size (so norm layers see the same kind of statistics they
 see online), the scorer is built on them and its threshold set at 95% TPR on the hold-out.
+
+``engine.device`` (:mod:`streamtta.devices`) says where the model and every adapter live: the model is
+moved there once (``model.to(device)``: a CUDA device moves the caller's module too), source data go there
+(the adapter's source pass takes them all at once), and the features the scorers are fitted on come back
+to the CPU. Scorers that keep a
+vector index (``device`` option) get the device too, so that FAISS searches on the GPU when it can.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +28,7 @@ import numpy as np
 import torch
 
 from streamtta.config import Config
+from streamtta.devices import resolve_device, to_device
 
 
 def limit_helper_threads() -> None:
@@ -39,6 +47,19 @@ def limit_helper_threads() -> None:
 def _for_stream(scorer: Any) -> Any:
     """A stream's copy of a fitted scorer: fixed source parts shared (read-only), online state its own."""
     return scorer.for_stream() if hasattr(scorer, "for_stream") else copy.deepcopy(scorer)
+
+
+def _scorer_options(name: str, options: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``options`` of scorer ``name`` plus ``device`` for a scorer that takes one (its vector indexes),
+    unless the options set it or the device is the CPU (the scorers' default)."""
+    from streamtta.detectors.ood.registry import SCORERS
+
+    cls = SCORERS.get(name)
+    if device.type == "cpu" or "device" in options or cls is None:
+        return dict(options)
+    if "device" not in inspect.signature(cls.__init__).parameters:
+        return dict(options)
+    return {**options, "device": device}
 
 
 def _reseed(seed: int, cpu_state: torch.Tensor) -> None:
@@ -99,7 +120,9 @@ class Blueprint:
 
         limit_helper_threads()
         self.cfg = cfg
-        self.model = model.eval()
+        #: where the model and the adapters run (``engine.device``, resolved)
+        self.device: torch.device = resolve_device(cfg.engine.device)
+        self.model = model.eval() if self.device.type == "cpu" else model.eval().to(self.device)
         self.meta = meta
         if classes is None:
             classes = list(meta.classes) if meta is not None else list(range(cfg.model.num_classes or 0))
@@ -115,9 +138,11 @@ class Blueprint:
                 norm = parse_spec(self.spec).norm
                 check_script_spec(model, norm.name, norm.args, self.spec)
         self.scorer_name = DEFAULT_SCORER if cfg.scorer.name == "default" else cfg.scorer.name
-        self.base_scorer = build_scorer(self.scorer_name, **cfg.scorer.options)
+        self.base_scorer = build_scorer(self.scorer_name, **_scorer_options(self.scorer_name, cfg.scorer.options,
+                                                                            self.device))
         gate_name = cfg.scorer.gate
-        self.base_gate_scorer = (build_scorer(gate_name, **cfg.scorer.gate_options)
+        self.base_gate_scorer = (build_scorer(gate_name, **_scorer_options(str(gate_name), cfg.scorer.gate_options,
+                                                                           self.device))
                                  if gate_name not in (None, "", "none", self.scorer_name) else None)
         self.base_novelty: Any | None = None
         self.calibrated = False
@@ -186,8 +211,10 @@ class Blueprint:
             with_prior = (self.cfg.adapter.class_prior and y is not None
                           and bool(getattr(adapter, "_label_layers", None)))
             if self._source_fit is None:
-                self._source_fit = adapter.fit_source(torch.as_tensor(np.asarray(x), dtype=torch.float32),
-                                                      self.class_indices(y) if with_prior else None)
+                # the adapter's source pass feeds its model the data as given: on its device (all at once)
+                xt = to_device(torch.as_tensor(np.asarray(x), dtype=torch.float32), self.device)
+                labels = to_device(self.class_indices(y), self.device) if with_prior else None
+                self._source_fit = adapter.fit_source(xt, labels)
             else:
                 prior, reference = self._source_fit
                 if with_prior:
@@ -197,16 +224,17 @@ class Blueprint:
 
     @torch.no_grad()
     def adapter_features(self, x: Any, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """``(logits, features, order)`` of ``x`` through a fresh adapter, in shuffled i.i.d. batches."""
+        """``(logits, features, order)`` of ``x`` through a fresh adapter, in shuffled i.i.d. batches (run on
+        :attr:`device`; logits and features on the CPU)."""
         adapter = self.new_adapter()
         xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
         order = np.random.default_rng(seed).permutation(len(xt))
         bs = max(self.cfg.engine.batch_size, 2)
         logits, feats = [], []
         for i in range(0, len(order), bs):
-            lg, ft = adapter.features(xt[order[i:i + bs]])
-            logits.append(lg)
-            feats.append(ft)
+            lg, ft = adapter.features(to_device(xt[order[i:i + bs]], self.device))
+            logits.append(lg.cpu())
+            feats.append(ft.cpu())
         return torch.cat(logits), torch.cat(feats), order
 
     # -- source fit ----------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Engine:
         self.stop_event = threading.Event()
         self.records_seen = self.samples_processed = self.dead_letters = self.skipped = self.batches = 0
         self.step_time_s, self._batches_since_ckpt = 0.0, 0
+        self._last_ckpt = time.monotonic()
         #: ``time.perf_counter()`` when the first record arrived (after group join / assignment)
         self.first_record_at: float | None = None
         self._pending_commit: dict[TopicPartition, int] = {}
@@ -121,8 +122,8 @@ class Engine:
                 if max_records is not None and self.records_seen >= max_records:
                     return
                 continue
-            if any(st.pipe.held for st in self.states.values()):  # nothing came: held outputs go out now
-                self._finish_batch(force=True)
+            if self._pending_commit or any(st.pipe.held for st in self.states.values()):
+                self._finish_batch(force=True)  # nothing came: held outputs go out, state and offsets are saved
             if stop_at_end and self.source.at_end():
                 return
             if kcfg.idle_timeout_s is not None and time.monotonic() - last_data > kcfg.idle_timeout_s:
@@ -270,7 +271,9 @@ class Engine:
             return
         if force:  # end of the run or a revocation: nothing stays held
             self._release(everything=True)
-        if not self._pending_commit or (not force and self._batches_since_ckpt < self.cfg.engine.checkpoint_every):
+        e = self.cfg.engine
+        if not self._pending_commit or (not force and (self._batches_since_ckpt < e.checkpoint_every or
+                                                       time.monotonic() - self._last_ckpt < e.checkpoint_interval_s)):
             return
         pend = self._pending_commit  # never commit past a record whose outputs are still held
         for r, _ in (item for st in self.states.values() for res in st.pipe.held for item in res.tag):
@@ -299,6 +302,6 @@ class Engine:
         if stored is not False:  # False: skipped (group moved on)
             self._committed.update(self._pending_commit)
         self._pending_commit.clear()
-        self._batches_since_ckpt = 0
+        self._batches_since_ckpt, self._last_ckpt = 0, time.monotonic()
         self._dirty.clear()
         self.states.evict()

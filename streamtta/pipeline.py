@@ -31,7 +31,8 @@ scorer memories learn from the batch's final outputs.
 
 With re-adaptation and ``monitor.hold_batches > 0`` (the engine's default) a result may still be revised
 by the next batch; :meth:`Pipeline.release` hands out the results that are final. A pipeline built
-directly (``Pipeline(model, ...)``) holds nothing unless ``hold_batches`` is given.
+directly (``Pipeline(model, ...)``) holds nothing unless ``hold_batches`` is given. Steps run on
+``engine.device``; outputs come back to the CPU to be scored: results and states are CPU data on any device.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from streamtta.blueprint import Blueprint
 from streamtta.config import Config, load_config
 from streamtta.detectors.ood.scorer import score_and_flag
 from streamtta.detectors.shift import batch_signals, input_signals
+from streamtta.devices import move_tensors, output_to_cpu, to_cpu, to_device
 from streamtta.faults import point
 from streamtta.results import BatchResult
 from streamtta.types import StepOutput
@@ -178,7 +180,7 @@ class Pipeline:
             return
         with torch.no_grad():
             try:
-                out = self.blueprint.model(x[: max(2, min(len(x), 8))])
+                out = self.blueprint.model(to_device(x[: max(2, min(len(x), 8))], self.blueprint.device))
             except RuntimeError as e:
                 raise ValueError(self._input_error(x, e)) from None
         out = out[0] if isinstance(out, (tuple, list)) else out
@@ -219,7 +221,7 @@ class Pipeline:
         try:
             self._probe(x)
             with torch.no_grad():
-                self.blueprint.model(x[:2])
+                self.blueprint.model(to_device(x[:2], self.blueprint.device))
         except (ValueError, RuntimeError) as e:
             msg = str(e) if isinstance(e, ValueError) else self._input_error(x, e)
             raise CalibrationError(f"{d.source}: {msg}") from None
@@ -248,18 +250,24 @@ class Pipeline:
         return scores, flags, keep
 
     def step(self, x: torch.Tensor, feed: bool = True) -> tuple[StepOutput, np.ndarray, np.ndarray, np.ndarray]:
-        """One adapter step gated by the scorers: ``(output, scores, ood flags, keep)``."""
+        """One adapter step gated by the scorers: ``(output, scores, ood flags, keep)``; the step runs on the
+        model's device, the output is on the CPU."""
         scored: dict[str, Any] = {}
         point("step")
 
         def gate(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
             point("score")
-            scored["v"] = self.score(features, logits, feed)
+            lc, fc = logits.cpu(), features.cpu()  # no copy on the CPU
+            scored["v"] = self.score(fc, lc, feed)
+            scored["gated"] = (logits, features, lc, fc)
             return torch.from_numpy(scored["v"][2])
 
-        out: StepOutput = self._require().adapter.step(x, gate=gate)
+        out: StepOutput = self._require().adapter.step(to_device(x, self.blueprint.device), gate=gate)
         if "v" not in scored:  # gradient-free adapters need no gate; score afterwards
+            out = output_to_cpu(out)
             gate(out.logits, out.features)
+        else:
+            out = output_to_cpu(out, scored["gated"])
         scores, flags, keep = scored["v"]
         return out, np.asarray(scores, dtype=np.float64), flags, keep
 
@@ -279,7 +287,7 @@ class Pipeline:
         is the model's input shape). Alerts go out with the result; its predictions are final once
         :meth:`release` hands it out (at once unless ``hold_batches``)."""
         t0 = time.perf_counter()
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float().cpu()
         meta = self.blueprint.meta
         if meta is not None and x.dim() == len(meta.input_shape):
             x = x.unsqueeze(0)
@@ -370,16 +378,16 @@ class Pipeline:
     _PARTS = ("adapter", "scorer", "monitor", "policy", "readapter", "burst", "novelty", "gate_scorer")
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything this stream has learned (tensors, numbers, strings); held results are not part of it."""
+        """Everything this stream has learned (CPU tensors, numbers, strings); held results are not part of it."""
         p = self._require()
-        st: dict[str, Any] = {name: (getattr(p, name).state_dict() if getattr(p, name) is not None else None)
+        st: dict[str, Any] = {name: (to_cpu(getattr(p, name).state_dict()) if getattr(p, name) is not None else None)
                               for name in self._PARTS}
         st.update(batch_index=self.batch_index, n_samples=self.n_samples)
         return st
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         p = self._require()
-        p.adapter.load_state_dict(st["adapter"])
+        p.adapter.load_state_dict(move_tensors(st["adapter"], self.blueprint.device))  # a CPU state on the device
         p.scorer.load_state_dict(st["scorer"])
         p.policy.load_state_dict(st["policy"])
         for name in ("monitor", "readapter", "burst", "novelty", "gate_scorer"):

@@ -75,7 +75,8 @@ def new_run_dir(base: str | Path, label: str | None = None) -> Path:
 
 def write_manifest(run_dir: Path, cfg: Config, *, seed: int, stream: dict[str, Any] | None,
                    command: list[str] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Resolved config (TOML + JSON), seed, versions and stream description next to the results.
+    """Resolved config (TOML + JSON), seed, versions, device (:func:`streamtta.devices.describe_device`) and
+    stream description next to the results.
 
     Secrets are redacted in both files (:func:`streamtta.config.redact`: secret keys of the config and
     of ``extra``, ``key=value`` pairs and the config's secret strings in the command line and every other
@@ -91,8 +92,11 @@ def write_manifest(run_dir: Path, cfg: Config, *, seed: int, stream: dict[str, A
     resolved = redacted_config(cfg)
     (run_dir / "config.toml").write_text(tomli_w.dumps(_drop_none(resolved)))
     argv = redact_argv(command if command is not None else sys.argv, values)
+    from streamtta.devices import describe_device
+
     manifest = {"created_at": datetime.now().isoformat(timespec="seconds"), "seed": seed, "command": argv,
-                "versions": versions(), "config": resolved, "stream": stream, **(extra or {})}
+                "versions": versions(), "device": describe_device(cfg.engine.device), "config": resolved,
+                "stream": stream, **(extra or {})}
     (run_dir / "manifest.json").write_text(json.dumps(redact(manifest, values), indent=2, default=str))
 
 
@@ -364,14 +368,21 @@ def consume(cfg: Config, bootstrap: str, *, pipeline: Pipeline | None = None, ru
 
 
 def bare_model_throughput(model: torch.nn.Module, x: np.ndarray, batch_size: int, repeats: int = 1) -> float:
-    """samples/s of the plain source model's forward pass on the same batches (engine-overhead baseline)."""
+    """samples/s of the plain source model's forward pass on the same batches (engine-overhead baseline), on
+    the model's device (batches copied there as the pipeline copies them; on CUDA timed to the GPU's end)."""
+    from streamtta.devices import to_device
+
     model = model.eval()
     xt = torch.as_tensor(x, dtype=torch.float32)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        model(xt[:batch_size])  # warm-up
+        model(to_device(xt[:batch_size], dev))  # warm-up
+        sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             for i in range(0, len(xt), batch_size):
-                model(xt[i:i + batch_size])
+                model(to_device(xt[i:i + batch_size], dev))
+        sync()
         dt = time.perf_counter() - t0
     return repeats * len(xt) / dt

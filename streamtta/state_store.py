@@ -19,14 +19,27 @@ semantics) whose checkpoints go first to the changelog topic ``<input topic>.<gr
 * **reject** moves the local file aside (or writes the rejected bytes there when they came from the
   changelog) and writes a reject marker to the changelog, so no worker restores that version again.
 
-:attr:`KafkaStateStore.restores` records every load: key, where the state came from (``"changelog"``,
-``"local"`` or None), its seq and the seconds it took.
+:attr:`KafkaStateStore.restores` records the last :data:`RESTORES_KEPT` loads: key, where the state came
+from (``"changelog"``, ``"local"`` or None), its seq and the seconds it took. Each restore is also a log
+line at INFO with ``event`` ``"restore"`` and the fields ``stream``, ``source``, ``seq`` and ``seconds``.
+The bytes of a loaded state are kept only until the next load (a :meth:`~KafkaStateStore.reject` follows
+its load at once), so a long-running worker that evicts and restores many states holds none of them twice.
+The changelog topic must be a legal Kafka topic name: :meth:`KafkaStateStore.from_config` raises
+:class:`~streamtta.config.ConfigError` for a group id or input topic that makes an illegal one.
+
+>>> check_topic_name("sensors.fleet.state")
+'sensors.fleet.state'
+>>> check_topic_name("sensors.team/a.state")
+Traceback (most recent call last):
+...
+ValueError: 'sensors.team/a.state' is not a legal Kafka topic name (letters, digits, '.', '_' and '-' only, at most 249 characters)
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,9 +53,21 @@ from streamtta.checkpoints import (
 )
 from streamtta.stream.kafka.changelog import Changelog, changelog_topic
 
-__all__ = ["KafkaStateStore", "make_state_store"]
+__all__ = ["RESTORES_KEPT", "KafkaStateStore", "check_topic_name", "make_state_store"]
 
 log = logging.getLogger("streamtta.engine")
+
+#: loads :attr:`KafkaStateStore.restores` remembers (the oldest are dropped)
+RESTORES_KEPT = 1024
+_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(name: str) -> str:
+    """``name`` when Kafka accepts it as a topic name, else ``ValueError`` saying why."""
+    if not _LEGAL_TOPIC.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{name!r} is not a legal Kafka topic name (letters, digits, '.', '_' and '-' only, "
+                         f"at most 249 characters)")
+    return name
 
 
 class KafkaStateStore(CheckpointStore):
@@ -52,25 +77,32 @@ class KafkaStateStore(CheckpointStore):
     def __init__(self, directory: str | Path, changelog: Changelog, *, namespace: str | None = None) -> None:
         super().__init__(directory, namespace=namespace)
         self.changelog = changelog
-        #: one entry per load: ``{"key", "source", "seq", "seconds"}``
+        #: one entry per load, the last :data:`RESTORES_KEPT`: ``{"key", "source", "seq", "seconds"}``
         self.restores: list[dict[str, Any]] = []
         self._seen: dict[str, int] = {}  # key -> the newest seq this store has loaded or written
-        self._loaded: dict[str, tuple[int, bytes]] = {}  # key -> (seq, bytes) of the last state loaded
+        # key -> (seq, bytes) of the state loaded last, for a reject right after it; one key at most
+        self._loaded: dict[str, tuple[int, bytes]] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, bootstrap_servers: str) -> KafkaStateStore:
         """The store of a run (``cfg``: a :class:`~streamtta.config.Config`): the changelog of
         ``kafka.topic`` and ``kafka.group_id`` with as many partitions as the input topic, every client
         with ``client_settings(kafka, role)``; the cache in ``engine.checkpoint_dir`` under the group."""
+        from streamtta.config import ConfigError
         from streamtta.stream.kafka.admin import admin_client
         from streamtta.stream.kafka.settings import client_settings
 
         k = cfg.kafka
+        try:
+            topic = check_topic_name(changelog_topic(k.topic, k.group_id))
+        except ValueError as e:
+            raise ConfigError(f"engine.state_store=kafka: the changelog topic of kafka.topic {k.topic!r} and "
+                              f"kafka.group_id {k.group_id!r}: {e}") from None
         admin = client_settings(k, "admin")
         md = admin_client(bootstrap_servers, admin).list_topics(timeout=k.connect_timeout_s)
         found = md.topics.get(k.topic)
         partitions = max(k.partitions, len(found.partitions) if found is not None and found.error is None else 0)
-        changelog = Changelog(bootstrap_servers, changelog_topic(k.topic, k.group_id), partitions=partitions,
+        changelog = Changelog(bootstrap_servers, topic, partitions=partitions,
                               producer_config=client_settings(k, "producer"),
                               consumer_config=client_settings(k, "consumer"), admin_config=admin,
                               timeout_s=max(30.0, k.connect_timeout_s))
@@ -110,6 +142,7 @@ class KafkaStateStore(CheckpointStore):
         """The newest state of ``key`` (changelog or local cache, see the module docstring), None when
         neither has one; :class:`CheckpointError` when the newest is not a valid checkpoint."""
         t0 = time.perf_counter()
+        self._loaded.clear()  # only the state loaded last may be rejected: no other state's bytes are kept
         local = self._local(key)
         versions = self.changelog.versions(key)
         self._seen[key] = max(self._seen.get(key, 0), self.changelog.index.newest_seq(key))
@@ -139,16 +172,22 @@ class KafkaStateStore(CheckpointStore):
             return self._restored(key, "changelog", v.seq, data, state, t0)
         if isinstance(local, tuple):  # no complete version in the changelog: the older cache is all there is
             return self._restored(key, "local", local[1], local[2], local[0], t0)
-        self.restores.append({"key": key, "source": None, "seq": None, "seconds": time.perf_counter() - t0})
+        self._record({"key": key, "source": None, "seq": None, "seconds": time.perf_counter() - t0})
         return None
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.restores.append(entry)
+        del self.restores[:-RESTORES_KEPT]  # a long-running worker keeps the last ones only
 
     def _restored(self, key: str, source: str, seq: int, data: bytes, state: dict[str, Any], t0: float
                   ) -> dict[str, Any]:
         self._loaded[key] = (seq, data)
         self._seen[key] = max(self._seen.get(key, 0), seq)
         dt = time.perf_counter() - t0
-        self.restores.append({"key": key, "source": source, "seq": seq, "seconds": dt})
-        log.info("state %s: version %d from the %s (%.3f s)", key, seq, source, dt)
+        self._record({"key": key, "source": source, "seq": seq, "seconds": dt})
+        log.info("state %s: version %d restored from the %s (%.3f s)", key, seq,
+                 "changelog" if source == "changelog" else "local cache", dt,
+                 extra={"event": "restore", "stream": key, "source": source, "seq": seq, "seconds": round(dt, 6)})
         return state
 
     # -- reject ----------------------------------------------------------------------------------

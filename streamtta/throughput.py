@@ -18,7 +18,8 @@ RSS so far, torch's intra-op threads. Then ``workers``: the engine in 1 and in 2
 group on a 4-partition topic (each process one torch thread), aggregate samples/s from the first record
 any of them consumed to the end of the last.
 
-The in-memory rows skip one warm-up batch. Timings on a shared machine are noisy: repeat the command and
+The in-memory rows run on ``engine.device`` (on CUDA a batch's time ends when the GPU has finished it) and
+skip one warm-up batch. Timings on a shared machine are noisy: repeat the command and
 compare medians. Batch size ``b`` runs on ``min(samples, 64 * b)`` samples (batch 1 is slow through the
 broker: one checkpoint and commit per record).
 
@@ -51,18 +52,40 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or not b > 0 else round(a / b, 3)
 
 
-def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, bs: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """samples/s of ``fn`` over the batches of ``x`` after ``warmup`` batches, and every batch's seconds."""
+def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, bs: int, warmup: int = 1,
+           device: torch.device | None = None) -> tuple[float, list[float]]:
+    """samples/s of ``fn`` over the batches of ``x`` after ``warmup`` batches, and every batch's seconds.
+    On a CUDA ``device`` each batch's time ends when the GPU has finished it (``torch.cuda.synchronize``)."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     batches = [x[i:i + bs] for i in range(0, len(x), bs)]
     for b in batches[:warmup]:
         fn(b)
+    sync()
     lat, n = [], 0
     for b in batches[warmup:] or batches:
         t0 = time.perf_counter()
         fn(b)
+        sync()
         lat.append(time.perf_counter() - t0)
         n += len(b)
     return n / sum(lat), lat
+
+
+def in_memory_rows(pipe: Any, x: torch.Tensor, bs: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The ``forward``, ``step`` and ``pipeline`` rows of ``pipe`` on the CPU batches of ``x``, on the
+    pipeline's device (``engine.device``): forward and step include the batch's copy to the device (pinned,
+    non-blocking on CUDA), as :meth:`~streamtta.pipeline.Pipeline.step` does; the pipeline row also
+    brings the outputs back to the CPU and scores them."""
+    from streamtta.devices import to_device
+
+    dev = pipe.blueprint.device
+    model = pipe.blueprint.model.eval()
+    with torch.no_grad():
+        fwd = _row(bs, "forward", *_timed(lambda b: model(to_device(b, dev)), x, bs, device=dev))
+    adapter = pipe.spawn().adapter
+    step = _row(bs, "step", *_timed(lambda b: adapter.step(to_device(b, dev)), x, bs, device=dev))
+    pipeline = _row(bs, "pipeline", *_timed(pipe.spawn().process, x, bs, device=dev))
+    return fwd, step, pipeline
 
 
 def _row(bs: int, path: str, sps: float, lat: Sequence[float]) -> dict[str, Any]:
@@ -171,7 +194,6 @@ def measure_throughput(cfg: Config, scenario: Any, *, batch_sizes: Sequence[int]
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     pipe = runner.build_pipeline(cfg)
-    model = pipe.blueprint.model.eval()
     stream = build_stream(scenario, seed)
     n_max = min(samples, 64 * max(batch_sizes), len(stream))
     values = [r.value for r in itertools.islice(runner.encoded_records(stream), n_max)]
@@ -181,11 +203,7 @@ def measure_throughput(cfg: Config, scenario: Any, *, batch_sizes: Sequence[int]
         for bs in batch_sizes:
             n = min(n_max, 64 * bs)
             x = x_all[:n]
-            with torch.no_grad():
-                fwd = _row(bs, "forward", *_timed(model, x, bs))
-            adapter = pipe.spawn().adapter
-            step = _row(bs, "step", *_timed(adapter.step, x, bs))
-            pipeline = _row(bs, "pipeline", *_timed(pipe.spawn().process, x, bs))
+            fwd, step, pipeline = in_memory_rows(pipe, x, bs)
             eng = engine_row(cfg, pipe, broker.bootstrap_servers, values[:n], bs, Path(d))
             for r in (fwd, step, pipeline, eng):
                 r.update(samples=n, vs_forward=ratio(r["samples_per_s"], fwd["samples_per_s"]),

@@ -10,7 +10,7 @@ import pytest
 from streamtta.checkpoints import CheckpointError, CheckpointStore, encode_checkpoint
 from streamtta.config import Config
 from streamtta.state_store import KafkaStateStore, make_state_store
-from streamtta.stream.kafka import make_producer
+from streamtta.stream.kafka import MissingTopicError, make_producer
 from streamtta.stream.kafka.changelog import (
     Changelog,
     ChangelogIndex,
@@ -171,3 +171,83 @@ def test_junk_in_the_changelog_is_data_the_store_skips(bs, tmp_path):
     b = _store(bs, topic, tmp_path / "b")
     assert b.load("k") == {"n": 1} and b.restores[-1]["source"] == "changelog"
     a.close(), b.close()
+
+
+def test_a_restored_states_bytes_are_not_kept_once_the_next_state_is_loaded(bs, tmp_path, monkeypatch):
+    """A worker that evicts and restores many states (engine.max_states) must not keep each one's bytes."""
+    import tracemalloc
+
+    from streamtta import state_store
+
+    topic = f"mem-{uuid.uuid4().hex[:8]}.state"
+    a = _store(bs, topic, tmp_path / "a")
+    size = 400_000  # about one digits-resnet state
+    keys = [f"s{i}" for i in range(12)]
+    a.save_many({k: {"w": np.full(size // 8, i, dtype=np.float64)} for i, k in enumerate(keys)})
+    monkeypatch.setattr(state_store, "RESTORES_KEPT", 5)
+    b = _store(bs, topic, tmp_path / "b")
+    b.load(keys[0])  # the first read of the changelog to its end, outside the measurement
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for k in keys[1:]:
+            assert b.load(k)["w"].nbytes == size
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 * size, f"{grown:,} bytes kept after {len(keys) - 1} loads of {size:,}-byte states"
+    assert len(b.restores) == 5 and b.restores[-1]["key"] == keys[-1]  # the last RESTORES_KEPT loads
+    a.close(), b.close()
+
+
+def test_a_restore_is_a_structured_log_event(bs, tmp_path, caplog):
+    topic = f"event-{uuid.uuid4().hex[:8]}.state"
+    a = _store(bs, topic, tmp_path / "a")
+    a.save("t:3", {"n": 1})
+    b = _store(bs, topic, tmp_path / "b")
+    with caplog.at_level("INFO", logger="streamtta.engine"):
+        b.load("t:3")
+        a.load("t:3")
+    got = [(r.event, r.stream, r.source, r.seq) for r in caplog.records if getattr(r, "event", None) == "restore"]
+    assert got == [("restore", "t:3", "changelog", 1), ("restore", "t:3", "local", 1)]
+    assert "restored from the changelog" in caplog.records[0].getMessage()
+    assert "restored from the local cache" in caplog.records[1].getMessage()
+    a.close(), b.close()
+
+
+def test_a_group_id_that_cannot_name_a_topic_is_a_config_error(tmp_path):
+    from streamtta.config import ConfigError
+
+    cfg = Config(engine={"checkpoint_dir": str(tmp_path)},
+                 kafka={"topic": "in", "group_id": "team/a", "connect_timeout_s": 1})
+    with pytest.raises(ConfigError, match="'in.team/a.state' is not a legal Kafka topic name"):
+        KafkaStateStore.from_config(cfg, "127.0.0.1:1")  # refused before any connection
+
+
+def test_changelog_failures_end_the_command_like_other_kafka_failures(monkeypatch, capsys):
+    """A changelog that cannot be read or created ends ``streamtta`` with exit 1 and one message, no traceback."""
+    from streamtta import cli
+    from streamtta.cli import top
+    from streamtta.stream.kafka import changelog
+
+    def unreadable(args):
+        raise changelog.ChangelogError("could not read the changelog 'in.g.state' to its end within 30 s")
+
+    monkeypatch.setattr(top, "cmd_top", unreadable)  # any command: the error path of cli.main is the same
+    assert cli.main(["top", "--once"]) == 1
+    assert capsys.readouterr().err.startswith("streamtta: could not read the changelog")
+
+    class Refused:
+        def result(self, timeout=None):
+            raise changelog.KafkaException(changelog.KafkaError(changelog.KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+    class Admin:
+        def list_topics(self, timeout=None):
+            return type("Md", (), {"topics": {}})()
+
+        def create_topics(self, topics, **kw):
+            return {t.topic: Refused() for t in topics}
+
+    monkeypatch.setattr(changelog, "admin_client", lambda *a, **kw: Admin())
+    with pytest.raises(MissingTopicError, match="could not create changelog topic 'in.g.state'"):
+        changelog.ensure_changelog_topic("127.0.0.1:1", "in.g.state", 1)

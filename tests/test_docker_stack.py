@@ -398,3 +398,28 @@ def test_readme_documents_the_published_ports():
     published = {str(p).split(":")[0] for s in services().values() for p in s.get("ports", [])}
     assert published >= {"3000", "9090", "29092"}
     assert all(p in readme for p in published), f"ports not in docker/README.md: {published}"
+
+
+def test_readme_commands_that_join_the_workers_group_keep_its_state_store_and_model():
+    """A process that joins the workers' group takes partitions over from them: with another state store it
+    would not find their adapted states (they are in the changelog), with another model it could not use them."""
+    from streamtta.config.models import KafkaConfig
+
+    readme = (DOCKER / "README.md").read_text().replace("\\\n", " ")
+    runs = [shlex.split(line.split("#")[0]) for block in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL)
+            for line in block.splitlines() if line.strip().startswith("streamtta run")]
+    w = workers()[0]
+    joining = [r for r in runs if (opt(r, "--topic") or KafkaConfig().topic) == opt(w, "--topic")
+               and opt(r, "--group-id") == opt(w, "--group-id")]
+    assert joining, "docker/README.md shows no command that joins the workers' group"
+    for r in joining:
+        assert opt(r, "--state-store") == opt(w, "--state-store"), f"{' '.join(r)}: not the workers' state store"
+        assert opt(r, "--model") == opt(w, "--model"), f"{' '.join(r)}: not the workers' model"
+
+
+def test_readme_compose_commands_name_the_compose_file():
+    """The commands are run from the repository root, where no compose file is found without ``-f``."""
+    text = " ".join((DOCKER / "README.md").read_text().replace("\\\n", " ").split())
+    calls = re.findall(r"docker compose\b[^`\n]*", text)
+    assert calls and all(c.startswith("docker compose -f docker/docker-compose.yml ") for c in calls), \
+        [c for c in calls if not c.startswith("docker compose -f docker/docker-compose.yml ")]

@@ -51,7 +51,8 @@ def run_until_crash(cfg, comps, values, store, fail_after):
 
 
 def cfg_for(tmp_path, spec="bn", bs=32):
-    return load_config(overrides={"adapter": {"spec": spec}, "engine": {"batch_size": bs,
+    # checkpoint_interval_s=0: every batch checkpoints and commits (the restarts below land between batches)
+    return load_config(overrides={"adapter": {"spec": spec}, "engine": {"batch_size": bs, "checkpoint_interval_s": 0,
                        "checkpoint_dir": str(tmp_path / "ck")}, "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}},
                        env=False)
 

@@ -42,7 +42,7 @@ def run_engine(tmp_path, n=160, poison=(5, 6)):
     torch.set_num_threads(1)
     d = load_digits_32()
     values = [b"junk" if i in poison else encode_tensor(d.x_test[i], "cam", label=int(d.y_test[i])) for i in range(n)]
-    cfg = load_config(overrides={"adapter": {"spec": "bn"}, "engine": {"batch_size": 32},
+    cfg = load_config(overrides={"adapter": {"spec": "bn"}, "engine": {"batch_size": 32, "checkpoint_interval_s": 0},
                                  "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
     out = Outputs(predictions=MemorySink(), alerts=[MemorySink()], dlq=MemoryDeadLetter())
     eng = Engine(cfg, MemorySource(values, topic="t"), out, build_pipeline(cfg, *load_model("digits-resnet")),
@@ -131,3 +131,15 @@ def test_a_failed_command_ends_with_a_json_fatal_line(tmp_path, root_logging, ca
     assert not [line for line in err.splitlines() if line.startswith("streamtta:")]  # no plain-text line
     assert cli.main(["config", "show", "--config", str(missing)]) == 2  # text logs: the plain line
     assert capsys.readouterr().err.startswith("streamtta: ")
+
+
+def test_json_debug_lines_are_streamtta_own(root_logging):
+    """``-vv`` turns on streamtta's DEBUG lines (batch events), not every library's (matplotlib's font search
+    alone writes hundreds per run)."""
+    buf = io.StringIO()
+    use_json_logs(logging.DEBUG, stream=buf)
+    logging.getLogger("matplotlib.font_manager").debug("findfont: score(...)")
+    logging.getLogger("streamtta.engine").debug("batch of 64 records", extra={"event": "batch"})
+    logging.getLogger("matplotlib").info("a library's INFO line still shows")
+    assert [(d["logger"], d["level"]) for d in json_lines(buf)] == [("streamtta.engine", "DEBUG"),
+                                                                   ("matplotlib", "INFO")]

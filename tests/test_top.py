@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from streamtta.alerts import Alert, OffsetRange
 from streamtta.cli import main
 from streamtta.ops.metrics import EngineMetrics
@@ -71,3 +73,64 @@ def test_top_once_on_something_that_is_not_prometheus_says_so(capsys):
     finally:
         srv.close()
     assert "cannot scrape" in capsys.readouterr().out
+
+
+def test_top_once_on_another_exporter_says_it_is_not_a_streamtta_worker(capsys):
+    other = b"# HELP node_load1 1m load average.\n# TYPE node_load1 gauge\nnode_load1 0.5\n"
+    srv = OpsServer("127.0.0.1", 0, lambda: other, lambda: (True, {})).start()
+    try:  # valid Prometheus text of another exporter: an error frame and exit 1, not a frame of dashes
+        assert main(["top", "--url", srv.url, "--once", "--interval", "0"]) == 1
+    finally:
+        srv.close()
+    out = capsys.readouterr().out
+    assert "cannot scrape" in out and "not a streamtta worker" in out
+
+
+def test_fetch_reads_at_most_max_bytes(monkeypatch):
+    from streamtta.ops import scrape
+
+    m = EngineMetrics(process=False)
+    srv = OpsServer("127.0.0.1", 0, m.exposition, lambda: (True, {})).start()
+    try:
+        assert scrape.fetch(srv.url).get("streamtta_records_total") == 0.0
+        monkeypatch.setattr(scrape, "MAX_BYTES", len(m.exposition()) // 2)  # an answer larger than the cap
+        with pytest.raises(ValueError, match="more than"):
+            scrape.fetch(srv.url)
+    finally:
+        srv.close()
+
+
+def test_top_sends_url_credentials_as_basic_auth_and_never_shows_them(capsys):
+    """``--url http://user:password@host:port`` (a worker behind an authenticating proxy)."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    m = EngineMetrics(process=False)
+    expected = "Basic " + base64.b64encode(b"ops:hunter2@x").decode()
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Authorization") == expected
+            body = m.exposition() if ok else b"unauthorized\n"
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        assert main(["top", "--url", f"http://ops:hunter2%40x@127.0.0.1:{port}", "--once", "--interval", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "hunter2" not in out and f"http://127.0.0.1:{port}/metrics" in out and "consumed" in out
+        assert main(["top", "--url", f"http://ops:wrong@127.0.0.1:{port}", "--once", "--interval", "0"]) == 1
+        out = capsys.readouterr().out
+        assert "401" in out and "wrong" not in out
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

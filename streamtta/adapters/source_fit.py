@@ -166,6 +166,8 @@ class SourceFitMixin:
                 raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels")
         if not layers and not ref_guards and not aligned:
             return [], None
+        # slices go to the model's device one at a time (source data may stay on the CPU)
+        dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in layers}
 
         def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
@@ -179,7 +181,7 @@ class SourceFitMixin:
             m.start_recording()
         try:
             for i in range(0, len(x), batch_size):
-                self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32))
+                self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32).to(dev))
         finally:
             for h in handles:
                 h.remove()
@@ -187,7 +189,7 @@ class SourceFitMixin:
                 m.finish_recording()
         prior = []
         for m in layers:
-            cm, cv = class_conditional_stats(m, seen[id(m)], y, self.num_classes)
+            cm, cv = class_conditional_stats(m, seen[id(m)], y.to(dev), self.num_classes)
             prior.append((cm, cv))
             m.set_class_prior(cm, cv)
         reference = None

@@ -4,7 +4,10 @@ Every ``--interval`` seconds it scrapes the worker and shows throughput (records
 increase), consumer lag per partition, the OOD rate, step and batch latency p50/p99 (estimated from the
 histogram buckets), states held, shifts and re-adaptations, and alerts by kind (in the last interval
 and in total). ``--once`` scrapes twice, ``--interval`` apart, prints one frame and exits (1 when the
-worker cannot be reached). The figures come from :func:`streamtta.ops.scrape.summarize`.
+worker cannot be reached or its address answers no streamtta metrics). The figures come from
+:func:`streamtta.ops.scrape.summarize`. Behind a proxy with HTTP basic auth, put the credentials in the
+URL (``--url http://user:password@host:9100``): they are sent as an ``Authorization`` header and never
+shown.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ DEFAULT_URL = "http://localhost:9100"
 
 def add_parser(sub: Any) -> None:
     t = sub.add_parser("top", help="live view of a running worker's metrics (throughput, lag, OOD rate, alerts)")
-    t.add_argument("--url", default=DEFAULT_URL, help=f"the worker's metrics address (default {DEFAULT_URL})")
+    t.add_argument("--url", default=DEFAULT_URL, help=f"the worker's metrics address (default {DEFAULT_URL}; "
+                                                       "user:password@ in it: HTTP basic auth)")
     t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (default 2)")
     t.add_argument("--once", action="store_true", help="print one frame (two scrapes, --interval apart) and exit")
     t.set_defaults(func=cmd_top)

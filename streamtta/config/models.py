@@ -156,7 +156,10 @@ class EngineConfig(Section):
     state_key: Literal["partition", "stream_id"] = Field(
         "partition", description="Keep one adaptation state per partition or per stream id.")
     checkpoint_dir: Path = Field(Path(".streamtta/checkpoints"), description="Atomic per-stream state checkpoints.")
-    checkpoint_every: int = Field(1, ge=1, description="Checkpoint (and then commit) every N batches.")
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint (and then commit) after at least N batches.")
+    checkpoint_interval_s: float = Field(1.0, ge=0, description="... and at least this long after the last "
+                                         "checkpoint (0 = every checkpoint_every batches). An empty poll, a "
+                                         "rebalance and the end of a run checkpoint and commit at once.")
     max_record_bytes: int = Field(16 * 1024 * 1024, ge=64, description="Larger records are dead-lettered.")
     expected_shape: list[int] | None = Field(None, description="Reject payloads of another shape (default: model's).")
     feature_names: list[str] | None = Field(None, description="Feature order of JSON rows whose 'features' is an "
@@ -170,6 +173,10 @@ class EngineConfig(Section):
         "checkpoint_dir stays a local cache).")
     max_states: int = Field(1024, ge=1, description="Per-stream states kept in memory (least recently used "
                                                    "ones are checkpointed and evicted, restored on demand).")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
+                        description="Where the model, adapters and scorer indexes run: 'cpu', 'cuda', 'cuda:N' "
+                                    "or 'auto' (CUDA when available, else CPU); CUDA without a usable GPU is an "
+                                    "error when the pipeline is built. Results and checkpoints stay on the CPU.")
 
 
 class RunConfig(Section):

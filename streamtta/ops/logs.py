@@ -7,6 +7,8 @@ plus ``message`` when that differs from ``event``, every other ``extra`` field (
 ``partition``, ``offsets``, ...) and ``exc`` for an exception. Secrets never show: the handler carries
 the redaction filter (:func:`streamtta.config.install_redaction`) for the message and exception text,
 and the extra fields go through :func:`streamtta.config.secrets.redact` with the same secret values.
+At DEBUG (``-vv``) only streamtta's own loggers write their DEBUG lines; other libraries' loggers
+(matplotlib's font search writes hundreds per run) are kept to INFO and up (:class:`OwnDebugFilter`).
 
 >>> import logging
 >>> rec = logging.LogRecord("streamtta.engine", logging.INFO, __file__, 1, "committed %s", ("t[0]@5",), None)
@@ -22,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "use_json_logs"]
+__all__ = ["JsonFormatter", "OwnDebugFilter", "use_json_logs"]
 
 #: attributes every LogRecord has: not extra fields
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -57,9 +59,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class OwnDebugFilter(logging.Filter):
+    """Records below INFO pass only from the ``streamtta`` loggers.
+
+    >>> f = OwnDebugFilter()
+    >>> [f.filter(logging.LogRecord(n, lvl, "", 0, "", (), None)) for n, lvl in
+    ...  [("streamtta.engine", logging.DEBUG), ("matplotlib.font_manager", logging.DEBUG), ("urllib3", logging.INFO)]]
+    [True, False, True]
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.INFO or record.name == "streamtta" or record.name.startswith("streamtta.")
+
+
 def use_json_logs(level: int = logging.INFO, stream: Any = None) -> logging.Handler:
     """Log JSON lines to ``stream`` (default stderr) from the root logger at ``level``: the handlers a
-    previous call or the CLI installed are replaced, others are kept; the secret filter is installed."""
+    previous call or the CLI installed are replaced, others are kept; the secret filter is installed, and
+    below INFO only streamtta's own records are written (:class:`OwnDebugFilter`)."""
     from streamtta.config.secrets import install_redaction
 
     root = logging.getLogger()
@@ -67,6 +83,7 @@ def use_json_logs(level: int = logging.INFO, stream: Any = None) -> logging.Hand
         root.removeHandler(h)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(OwnDebugFilter())
     setattr(handler, HANDLER_MARK, True)
     root.addHandler(handler)
     root.setLevel(level)

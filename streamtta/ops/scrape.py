@@ -21,25 +21,59 @@ between the two snapshots when there was one, else over everything since the wor
 """
 from __future__ import annotations
 
+import base64
 import math
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Snapshot", "fetch", "metrics_url", "parse", "quantile", "rate", "summarize"]
+__all__ = ["MARKER", "MAX_BYTES", "Snapshot", "fetch", "metrics_url", "parse", "quantile", "rate", "summarize"]
+
+#: the largest ``/metrics`` answer :func:`fetch` reads (a worker's is a few KiB): a wrong URL that streams
+#: without end is an error, not a full memory
+MAX_BYTES = 16 * 2**20
+#: a sample every streamtta worker exports from its start (one per outcome, at 0)
+MARKER = "streamtta_records_total"
+
+
+def _split(url: str) -> tuple[str, str]:
+    """``(url without "user:password@", "user:password" or "")``, ``http://`` added when no scheme."""
+    url = url if "://" in url else f"http://{url}"
+    scheme, rest = url.split("://", 1)
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    return f"{scheme}://{host}{slash}{path}", userinfo if at else ""
 
 
 def metrics_url(url: str) -> str:
-    """``http://host:port`` (or a URL already ending in ``/metrics``) -> the ``/metrics`` URL.
+    """``http://host:port`` (or a URL already ending in ``/metrics``) -> the ``/metrics`` URL, without
+    the credentials a ``user:password@`` in it gives (they go in an ``Authorization`` header, never shown).
 
     >>> metrics_url("http://localhost:9100"), metrics_url("localhost:9100/metrics")
     ('http://localhost:9100/metrics', 'http://localhost:9100/metrics')
+    >>> metrics_url("https://ops:s3cret@worker-1:9100/")
+    'https://worker-1:9100/metrics'
     """
-    url = url if "://" in url else f"http://{url}"
+    url = _split(url)[0]
     return url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+
+
+def _authorization(url: str) -> str | None:
+    """The HTTP basic ``Authorization`` value of a ``user:password@`` in ``url`` (percent-escapes decoded).
+
+    >>> _authorization("http://ops:p%40ss@host:9100"), _authorization("http://host:9100")
+    ('Basic b3BzOnBAc3M=', None)
+    """
+    userinfo = _split(url)[1]
+    if not userinfo:
+        return None
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
 @dataclass
@@ -78,14 +112,23 @@ def parse(text: str, at: float | None = None) -> Snapshot:
 
 
 def fetch(url: str, timeout: float = 5.0) -> Snapshot:
-    """Scrape ``url`` (see :func:`metrics_url`): ``OSError`` when it cannot be read, ``ValueError`` when
-    what it answers is not Prometheus text."""
-    with urllib.request.urlopen(metrics_url(url), timeout=timeout) as resp:
-        body = resp.read()
+    """Scrape ``url`` (see :func:`metrics_url`; ``user:password@`` in it: HTTP basic auth): ``OSError``
+    when it cannot be read, ``ValueError`` when what it answers is not Prometheus text, is larger than
+    :data:`MAX_BYTES`, or holds no streamtta metrics (another exporter's port)."""
+    target, auth = metrics_url(url), _authorization(url)
+    request = urllib.request.Request(target, headers={"Authorization": auth} if auth else {})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        body = resp.read(MAX_BYTES + 1)
+    if len(body) > MAX_BYTES:
+        raise ValueError(f"{target} answered more than {MAX_BYTES:,} bytes: not a streamtta worker's metrics")
     try:
-        return parse(body.decode("utf-8"))
+        snap = parse(body.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError included
-        raise ValueError(f"{metrics_url(url)} did not answer Prometheus metrics ({e})") from None
+        raise ValueError(f"{target} did not answer Prometheus metrics ({e})") from None
+    if snap.get(MARKER) is None:
+        raise ValueError(f"{target} answers Prometheus metrics, but no {MARKER}: not a streamtta worker "
+                         f"(is it the port of `streamtta run --metrics-port`?)")
+    return snap
 
 
 def rate(prev: Snapshot | None, cur: Snapshot, name: str, **labels: str) -> float | None:

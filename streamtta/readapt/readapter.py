@@ -331,6 +331,9 @@ class ReAdapter:
             return {"action": "none", "reason": "restart disabled"}
         since = getattr(event, "onset_batch", None) if event is not None else None
         x = self._select(since)
+        first = next(iter(adapter.parameters_to_adapt()), None)
+        if first is not None:  # the buffer is kept on the CPU; the model may live on a GPU
+            x = x.to(first.device)
         if len(x) == 0:
             result = {"action": "skipped", "reason": "empty buffer", "n_samples": 0}
             self.history.append(result)

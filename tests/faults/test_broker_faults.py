@@ -140,7 +140,7 @@ def test_run_with_absent_broker_exits_nonzero_with_one_clear_line(tmp_path):
 def test_wait_for_broker_backs_off_until_the_broker_comes_up(tmp_path, caplog):
     port = free_port()
     broker = EmbeddedBroker(port=port, log_dir=tmp_path)
-    starter = threading.Timer(1.0, broker.start)
+    starter = threading.Timer(3.0, broker.start)  # later than the first attempt, even on a loaded machine
     caplog.set_level(logging.DEBUG)
     starter.start()
     try:
@@ -304,7 +304,8 @@ def test_broker_away_mid_run_the_run_continues_and_loses_nothing(tmp_path):
             proc = subprocess.Popen(
                 [sys.executable, "-m", "streamtta.cli", "run", "--bootstrap-servers", bs, "--topic", topic,
                  "--group-id", group, "--no-replay", "--no-progress", "--model", "segment-mlp", "--batch-size",
-                 str(batch), "--output-dir", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")],
+                 str(batch), "--output-dir", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                 "--set", "engine.checkpoint_interval_s=0"],  # commits advance per batch: the outage lands mid-stream
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 deadline = time.monotonic() + 120

@@ -25,7 +25,9 @@ def template():
 
 
 def make_cfg(ckpt_dir, **engine):
-    return load_config(overrides={"engine": {"batch_size": 16, "checkpoint_dir": str(ckpt_dir), **engine},
+    # checkpoint_interval_s=0: every batch checkpoints (the evictions and restarts land between batches)
+    return load_config(overrides={"engine": {"batch_size": 16, "checkpoint_dir": str(ckpt_dir),
+                                             "checkpoint_interval_s": 0, **engine},
                                   "kafka": {"stop_at_end": True, "poll_timeout_s": 0.001}}, env=False)
 
 

@@ -161,8 +161,10 @@ class AlignedNorm(AdaptiveNorm):
     # -- source statistics ----------------------------------------------------------------------------
     def start_recording(self) -> None:
         """Accumulate the ``z`` statistics of the following :meth:`source_forward` calls."""
-        self._sums = [torch.zeros((), dtype=torch.float64), torch.zeros(self.num_features, dtype=torch.float64),
-                      torch.zeros(self.num_features, dtype=torch.float64)]
+        dev = self.source_mean.device if getattr(self, "source_mean", None) is not None else None
+        self._sums = [torch.zeros((), dtype=torch.float64, device=dev),
+                      torch.zeros(self.num_features, dtype=torch.float64, device=dev),
+                      torch.zeros(self.num_features, dtype=torch.float64, device=dev)]
 
     @torch.no_grad()
     def finish_recording(self) -> None:

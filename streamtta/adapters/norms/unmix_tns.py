@@ -94,7 +94,7 @@ class UnMixTNS(AdaptiveNorm):
         if seed is not None:
             gen = torch.Generator().manual_seed(int(seed))
         std = self.source_var.clamp_min(0).sqrt()
-        noise = torch.randn((self.K, num_features), generator=gen)
+        noise = torch.randn((self.K, num_features), generator=gen).to(self.source_mean.device)
         scale = math.sqrt(alpha * self.K / (self.K - 1)) if self.K > 1 else 0.0
         self.register_buffer("component_means", self.source_mean.expand(self.K, -1) + scale * std * noise)
         self.register_buffer("component_vars", ((1.0 - alpha) * self.source_var).expand(self.K, -1).clone())

@@ -2,13 +2,18 @@
 
 Two backends behind one small API:
 
-* ``"faiss"``: ``faiss.IndexIDMap2(faiss.IndexFlatIP(d))`` on CPU. Updating a vector is
-  ``remove_ids`` followed by ``add_with_ids`` under the same id.
-* ``"torch"``: a ``(N, d)`` tensor and ``topk`` over ``Z @ P.T``, on any device. This is the GPU
-  path: FAISS GPU indexes cannot ``remove_ids``, and for the few thousand vectors a prototype
-  memory holds ``torch.mm`` is as fast. It is also the fallback when FAISS is missing.
+* ``"faiss"``: ``faiss.IndexIDMap2(faiss.IndexFlatIP(d))`` on the CPU holds the vectors. Updating a
+  vector is ``remove_ids`` followed by ``add_with_ids`` under the same id. With a CUDA ``device`` and a
+  FAISS build with GPU support (faiss-gpu: ``faiss.StandardGpuResources``, ``faiss.get_num_gpus() > 0``)
+  searches run on a GPU copy of the flat index (``faiss.index_cpu_to_gpu``), made again after the
+  vectors changed (FAISS GPU indexes cannot ``remove_ids``); positions it returns map to ids through the
+  CPU index's id map. Without GPU support the index stays on the CPU (one log line says why).
+* ``"torch"``: a ``(N, d)`` tensor and ``topk`` over ``Z @ P.T``, on any device; also the fallback
+  when FAISS is missing.
 
-``backend="auto"`` picks torch when ``device`` is a CUDA device, else FAISS when importable.
+``backend="auto"`` picks FAISS when importable, else torch. The CPU index is what stays: scorers
+persist the vectors themselves (numpy, on the CPU), and a copy or pickle of an index leaves the GPU copy
+out (it is made again at the next search).
 
 >>> import numpy as np
 >>> idx = FlatIPIndex(3)
@@ -21,6 +26,7 @@ Two backends behind one small API:
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -35,6 +41,12 @@ except Exception:  # pragma: no cover
     HAVE_FAISS = False
 
 BACKENDS = ("auto", "faiss", "torch")
+
+log = logging.getLogger("streamtta.detectors")
+#: reasons already logged for keeping a FAISS index on the CPU (each is logged once per process)
+_LOGGED: set[str] = set()
+#: one ``faiss.StandardGpuResources`` per GPU, made on first use
+_GPU_RESOURCES: dict[int, Any] = {}
 
 
 def as_float32(x: Any) -> np.ndarray:
@@ -58,11 +70,12 @@ def l2_normalize(x: Any, eps: float = 1e-12) -> np.ndarray:
 
 
 def resolve_backend(backend: str, device: str | torch.device | None = None) -> str:
+    """The backend ``backend`` means (``"auto"``: FAISS when importable, else torch); ``device`` is
+    accepted for symmetry with :class:`FlatIPIndex` (a FAISS index on CUDA searches on a GPU copy)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; choose one of {BACKENDS}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     if backend == "auto":
-        return "torch" if (dev.type != "cpu" or not HAVE_FAISS) else "faiss"
+        return "faiss" if HAVE_FAISS else "torch"
     if backend == "faiss" and not HAVE_FAISS:
         raise ImportError("backend='faiss' needs the faiss-cpu package (pip install faiss-cpu)")
     return backend
@@ -78,7 +91,8 @@ class FlatIPIndex:
     backend
         ``"auto"``, ``"faiss"`` or ``"torch"`` (see module docstring).
     device
-        Device of the torch backend (ignored by FAISS, which runs on CPU).
+        Device of the torch backend's tensors; for FAISS, a CUDA device means searches on a GPU copy
+        when FAISS has GPU support (else the CPU index, with one log line saying why).
     """
 
     def __init__(self, dim: int, backend: str = "auto", device: str | torch.device | None = None) -> None:
@@ -87,10 +101,21 @@ class FlatIPIndex:
         self.dim = int(dim)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.backend = resolve_backend(backend, self.device)
+        #: the GPU FAISS searches on (None: searches on the CPU index)
+        self.gpu: int | None = _faiss_gpu(self.device) if self.backend == "faiss" else None
+        self._gpu_index: Any = None
+        self._gpu_ids: np.ndarray | None = None
         self.reset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the GPU copy out (it cannot be serialised; the next search makes it)."""
+        state = self.__dict__.copy()
+        state["_gpu_index"], state["_gpu_ids"] = None, None
+        return state
 
     # -- storage -------------------------------------------------------------------------
     def reset(self) -> None:
+        self._gpu_index, self._gpu_ids = None, None
         if self.backend == "faiss":
             self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         else:
@@ -117,7 +142,10 @@ class FlatIPIndex:
         if len(ids) == 0 or len(self) == 0:
             return 0
         if self.backend == "faiss":
-            return int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+            n = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+            if n:
+                self._gpu_index, self._gpu_ids = None, None
+            return n
         keep = ~torch.isin(self._ids, torch.as_tensor(ids, device=self.device))
         n = int((~keep).sum())
         self._vecs, self._ids = self._vecs[keep], self._ids[keep]
@@ -131,6 +159,7 @@ class FlatIPIndex:
         self.remove(ids)
         if self.backend == "faiss":
             self._index.add_with_ids(vecs, ids)
+            self._gpu_index, self._gpu_ids = None, None
         else:
             self._vecs = torch.cat([self._vecs, torch.as_tensor(vecs, device=self.device)])
             self._ids = torch.cat([self._ids, torch.as_tensor(ids, device=self.device)])
@@ -170,7 +199,10 @@ class FlatIPIndex:
         if n == 0 or n_avail == 0:
             return sims, ids
         kk = min(k, n_avail)
-        if self.backend == "faiss":
+        if self.backend == "faiss" and self.gpu is not None:
+            d, pos = self._gpu_search(as_float32(queries), kk)
+            sims[:, :kk], ids[:, :kk] = d, np.where(pos >= 0, self._gpu_ids[np.maximum(pos, 0)], -1)
+        elif self.backend == "faiss":
             d, i = self._index.search(as_float32(queries), kk)
             sims[:, :kk], ids[:, :kk] = d, i
         else:
@@ -178,9 +210,47 @@ class FlatIPIndex:
             sims[:, :kk], ids[:, :kk] = s.float().cpu().numpy(), i.cpu().numpy()
         return sims, ids
 
+    def _gpu_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the GPU copy of the flat index (made now if the vectors changed since the last one):
+        ``(sims, positions)``; position ``j`` is the ``j``-th id of the CPU index's id map."""
+        if self._gpu_index is None:
+            flat = faiss.downcast_index(self._index.index)
+            self._gpu_index = faiss.index_cpu_to_gpu(_gpu_resources(self.gpu), self.gpu, flat)
+            self._gpu_ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        return self._gpu_index.search(q, k)
+
     def search_torch(self, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Torch backend search on ``self.device`` (returns tensors; ``k <= len``)."""
         q = queries if isinstance(queries, torch.Tensor) else torch.as_tensor(as_float32(queries))
         q = q.to(self.device, self._vecs.dtype)
         s, pos = (q @ self._vecs.T).topk(k, dim=1)
         return s, self._ids[pos]
+
+
+def _faiss_gpu(device: torch.device) -> int | None:
+    """The GPU a FAISS index on ``device`` searches on, or None (CPU device, or FAISS without GPU support:
+    logged once per reason)."""
+    if device.type != "cuda":
+        return None
+    from streamtta.devices import faiss_gpu_status
+
+    n, why = faiss_gpu_status()
+    if device.index is not None:
+        index = int(device.index)
+    else:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if why is None and index >= n:
+        why = f"faiss sees {n} GPU(s), not GPU {index}"
+    if why is not None:
+        if why not in _LOGGED:
+            _LOGGED.add(why)
+            log.info("FAISS indexes stay on the CPU although the device is %s: %s", device, why)
+        return None
+    return index
+
+
+def _gpu_resources(gpu: int) -> Any:
+    """The process's ``faiss.StandardGpuResources`` of GPU ``gpu`` (shared by every index on it)."""
+    if gpu not in _GPU_RESOURCES:
+        _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[gpu]

@@ -42,7 +42,7 @@ from confluent_kafka import TopicPartition as KTP
 from confluent_kafka.admin import NewTopic
 
 from streamtta.stream.kafka.admin import admin_client, ensure_topics
-from streamtta.stream.kafka.errors import ClientLog, DeliveryError, quiet
+from streamtta.stream.kafka.errors import BrokerUnavailable, ClientLog, DeliveryError, MissingTopicError, quiet
 from streamtta.stream.kafka.sinks import make_producer
 
 __all__ = ["Changelog", "ChangelogError", "ChangelogIndex", "Version", "changelog_topic", "chunk_bytes_for",
@@ -62,8 +62,8 @@ _FATAL_READ = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTH
                          KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
-class ChangelogError(RuntimeError):
-    """The changelog could not be read (broker unreachable, end of a partition not reached in time)."""
+class ChangelogError(BrokerUnavailable):
+    """The changelog could not be read (broker away, end not reached in time, access denied): ``run`` exits 1."""
 
 
 def changelog_topic(input_topic: str, group_id: str) -> str:
@@ -203,7 +203,7 @@ class ChangelogIndex:
 def ensure_changelog_topic(bootstrap_servers: str, topic: str, partitions: int, *,
                            config: Mapping[str, Any] | None = None, timeout: float = 15.0) -> int:
     """Create ``topic`` with ``cleanup.policy=compact`` when it is missing (``config``: the admin client's
-    librdkafka settings); its partition count."""
+    librdkafka settings); its partition count. :class:`MissingTopicError` when it cannot be created."""
     admin = admin_client(bootstrap_servers, config)
     md = admin.list_topics(timeout=timeout)
     if topic not in md.topics or md.topics[topic].error is not None:
@@ -215,7 +215,7 @@ def ensure_changelog_topic(bootstrap_servers: str, topic: str, partitions: int, 
             log.info("created changelog topic %s (%d partitions, cleanup.policy=compact)", topic, partitions)
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise RuntimeError(f"could not create changelog topic {topic!r}: {e.args[0].str()}") from e
+                raise MissingTopicError(f"could not create changelog topic {topic!r}: {e.args[0].str()}") from e
     return ensure_topics(bootstrap_servers, {topic: partitions}, timeout=timeout, config=config)[topic]
 
 
