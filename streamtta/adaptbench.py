@@ -29,6 +29,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from streamtta.adapters.grammar import split_specs
+
 #: display name -> spec of the baselines the held-out criteria name
 BASELINES = {"tent": "bn+tent", "ema-stats": "rbn"}
 
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         update = {k: v for k, v in (("model", a.model), ("samples_per_domain", a.samples_per_domain)) if v}
         if update:
             sc = type(sc).model_validate({**sc.model_dump(), **update, "name": sc.name + (f".{a.model}" if a.model else "")})
-        rows += adapter_accuracy(sc, a.methods.split(","), fit=fit)
+        rows += adapter_accuracy(sc, split_specs(a.methods), fit=fit)
     table = markdown(rows)
     print(table)
     if a.json:

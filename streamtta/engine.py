@@ -80,6 +80,8 @@ class Engine:
         self.limits = DecodeLimits(max_bytes=cfg.engine.max_record_bytes, expected_shape=tuple(shape) if shape else None,
                                    feature_names=tuple(names) if names else None)
         source.on_revoke(self._on_revoke)
+        if hasattr(source, "on_lost"):
+            source.on_lost(self._on_lost)
 
     # -- streams ---------------------------------------------------------------------------------
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
@@ -87,6 +89,20 @@ class Engine:
         failure only forget them: nothing past the last commit is written, checkpointed or committed."""
         if self.failed is None:
             self._finish_batch(force=True)
+        self._forget(partitions)
+
+    def _on_lost(self, partitions: list[TopicPartition]) -> None:
+        """Partitions lost without a clean revoke (session timeout): another worker may own them already, so
+        their streams are forgotten unsaved (no checkpoint, no commit: a stale state must not overwrite the
+        new owner's); their records come again from the last commit."""
+        log.warning("partitions %s lost: their state since the last checkpoint is dropped", sorted(partitions))
+        for tp in partitions:
+            self._pending_commit.pop(tp, None)
+        self._dirty -= {k for k in self._dirty if k in self.states
+                        and set(self.states[k].next_offsets) & set(partitions)} | {f"{t}:{p}" for t, p in partitions}
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
         lost = {f"{t}:{p}" for t, p in partitions}
         for key in list(self.states):
             if key in lost or (self.cfg.engine.state_key == "stream_id"

@@ -25,7 +25,9 @@ line at INFO with ``event`` ``"restore"`` and the fields ``stream``, ``source``,
 The bytes of a loaded state are kept only until the next load (a :meth:`~KafkaStateStore.reject` follows
 its load at once), so a long-running worker that evicts and restores many states holds none of them twice.
 The changelog topic must be a legal Kafka topic name: :meth:`KafkaStateStore.from_config` raises
-:class:`~streamtta.config.ConfigError` for a group id or input topic that makes an illegal one.
+:class:`~streamtta.config.ConfigError` for a group id or input topic that makes an illegal one. It also
+warns when an existing changelog topic is not compacted (``cleanup.policy`` without ``compact``): its
+records are then deleted by age, and so is the state of a partition idle for longer than ``retention.ms``.
 
 >>> check_topic_name("sensors.fleet.state")
 'sensors.fleet.state'
@@ -62,6 +64,19 @@ RESTORES_KEPT = 1024
 _LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
+def changelog_topic_of(cfg: Any) -> str:
+    """The changelog topic of a run's ``kafka.topic`` and ``kafka.group_id``; a ``ConfigError`` when Kafka
+    would refuse its name (checked before the model loads: ``streamtta run`` calls it first)."""
+    from streamtta.config import ConfigError
+
+    k = cfg.kafka
+    try:
+        return check_topic_name(changelog_topic(k.topic, k.group_id))
+    except ValueError as e:
+        raise ConfigError(f"engine.state_store=kafka: the changelog topic of kafka.topic {k.topic!r} and "
+                          f"kafka.group_id {k.group_id!r}: {e}") from None
+
+
 def check_topic_name(name: str) -> str:
     """``name`` when Kafka accepts it as a topic name, else ``ValueError`` saying why."""
     if not _LEGAL_TOPIC.fullmatch(name) or name in (".", ".."):
@@ -88,24 +103,21 @@ class KafkaStateStore(CheckpointStore):
         """The store of a run (``cfg``: a :class:`~streamtta.config.Config`): the changelog of
         ``kafka.topic`` and ``kafka.group_id`` with as many partitions as the input topic, every client
         with ``client_settings(kafka, role)``; the cache in ``engine.checkpoint_dir`` under the group."""
-        from streamtta.config import ConfigError
         from streamtta.stream.kafka.admin import admin_client
         from streamtta.stream.kafka.settings import client_settings
 
         k = cfg.kafka
-        try:
-            topic = check_topic_name(changelog_topic(k.topic, k.group_id))
-        except ValueError as e:
-            raise ConfigError(f"engine.state_store=kafka: the changelog topic of kafka.topic {k.topic!r} and "
-                              f"kafka.group_id {k.group_id!r}: {e}") from None
+        topic = changelog_topic_of(cfg)
         admin = client_settings(k, "admin")
-        md = admin_client(bootstrap_servers, admin).list_topics(timeout=k.connect_timeout_s)
+        client = admin_client(bootstrap_servers, admin)
+        md = client.list_topics(timeout=k.connect_timeout_s)
         found = md.topics.get(k.topic)
         partitions = max(k.partitions, len(found.partitions) if found is not None and found.error is None else 0)
         changelog = Changelog(bootstrap_servers, topic, partitions=partitions,
                               producer_config=client_settings(k, "producer"),
                               consumer_config=client_settings(k, "consumer"), admin_config=admin,
                               timeout_s=max(30.0, k.connect_timeout_s))
+        _warn_unless_compacted(client, topic, k.connect_timeout_s)
         return cls(cfg.engine.checkpoint_dir, changelog, namespace=k.group_id)
 
     # -- save ------------------------------------------------------------------------------------
@@ -207,6 +219,21 @@ class KafkaStateStore(CheckpointStore):
 
     def close(self) -> None:
         self.changelog.close()
+
+
+def _warn_unless_compacted(admin: Any, topic: str, timeout: float) -> None:
+    """A warning when ``topic``'s ``cleanup.policy`` has no ``compact`` (nothing when it cannot be read)."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    res = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        policy = str(getattr(admin.describe_configs([res])[res].result(timeout).get("cleanup.policy"), "value", ""))
+    except Exception as e:  # noqa: BLE001 -- e.g. no DescribeConfigs right: the check is advice only
+        log.debug("cleanup.policy of the changelog %s not read: %s", topic, e)
+        return
+    if policy and "compact" not in policy:
+        log.warning("changelog topic %s has cleanup.policy=%s: its records are deleted by age (retention.ms), so "
+                    "the state of a partition idle for longer is lost; set cleanup.policy=compact", topic, policy)
 
 
 def make_state_store(cfg: Any, bootstrap_servers: str) -> CheckpointStore:

@@ -50,7 +50,7 @@ def test_aligned_layer_is_the_original_until_calibrated(kind):
         orig.weight.uniform_(0.5, 1.5)
         orig.bias.uniform_(-1, 1)
     x = torch.randn(6, 8) if kind == "ln" else torch.randn(6, 8, 3, 3)
-    layer = AlignedNorm.from_norm(orig)
+    layer = AlignedNorm.from_norm(orig, alpha=None)  # each batch's own statistics (the EMA: below)
     assert torch.allclose(layer(x), orig(x), atol=1e-6)
     offset = torch.linspace(-2, 2, 8).view((8,) if kind == "ln" else (8, 1, 1))
     layer.start_recording()
@@ -102,3 +102,57 @@ def test_align_is_refused_on_torchscript_by_name(ln_mlp):
         build_adapter("align", torch.jit.script(ln_mlp), 4)
     ad = build_adapter("default", torch.jit.script(ln_mlp), 4)  # the script default runs
     assert ad.step(torch.randn(8, 16)).logits.shape == (8, 4)
+
+
+def test_align_with_alpha_keeps_an_ema_of_the_kept_samples_statistics():
+    """alpha: the layer normalises with an EMA of the batch statistics (stateful, saved in state_dict); the
+    deferred update takes only the samples the mask keeps; frozen forwards read the EMA without moving it."""
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8)
+    layer = AlignedNorm.from_norm(ln, alpha=0.5, warmup=False)
+    src = torch.randn(512, 8)
+    layer.start_recording(); layer.source_forward(src); layer.finish_recording()
+    assert torch.equal(layer.test_mean, layer.source_mean)
+    shifted = torch.randn(64, 8) + torch.linspace(-2, 2, 8)
+    z_mean = ln(shifted).mean(0).detach()  # per-channel mean of the shifted z (weight 1, bias 0)
+    layer.stats_mode = "deferred"
+    gaps = []
+    for _ in range(6):
+        layer(shifted)
+        layer.commit()
+        gaps.append(float((layer.test_mean - z_mean).abs().max()))
+    assert all(b < a for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 0.05 * gaps[0]  # halves every batch
+    before = layer.test_mean.clone()
+    layer.class_mix = torch.tensor([1.0, 0.0, 0.0, 0.0])  # a one-class batch: it does not move the average
+    layer(shifted + 5.0)
+    layer.commit()
+    assert torch.equal(layer.test_mean, before)
+    layer.class_mix = None
+    layer.stats_mode = "frozen"
+    layer(shifted + 5.0)
+    assert torch.equal(layer.test_mean, before)
+    # the mask: an update from half the batch equals an update from that half alone
+    a, b = (AlignedNorm.from_norm(ln, alpha=0.5, warmup=False) for _ in range(2))
+    for m in (a, b):
+        m.load_state_dict(layer.state_dict())
+        m.stats_mode = "deferred"
+    keep = torch.arange(64) < 32
+    a(shifted * 3.0); a.commit(keep)
+    b(shifted[keep] * 3.0); b.commit()
+    assert torch.allclose(a.test_mean, b.test_mean, atol=1e-6) and torch.allclose(a.test_var, b.test_var, atol=1e-6)
+    assert "test_mean" in layer.state_dict() and not torch.equal(a.test_mean, layer.test_mean)
+
+
+def test_align_warmup_averages_the_first_batches_equally():
+    """warmup (default): batch n (from 0) enters with weight max(alpha, 1/(n+1)): the first sets the
+    statistics, the first two are averaged equally."""
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8)
+    layer = AlignedNorm.from_norm(ln)
+    layer.start_recording(); layer.source_forward(torch.randn(256, 8)); layer.finish_recording()
+    b1, b2 = torch.randn(64, 8) + 1.0, torch.randn(64, 8) - torch.linspace(-1, 1, 8)
+    m1, m2 = ln(b1).mean(0).detach(), ln(b2).mean(0).detach()
+    layer(b1)
+    assert torch.allclose(layer.test_mean, m1, atol=1e-5)
+    layer(b2)
+    assert torch.allclose(layer.test_mean, (m1 + m2) / 2, atol=1e-5) and int(layer.n_updates) == 2

@@ -251,3 +251,22 @@ def test_changelog_failures_end_the_command_like_other_kafka_failures(monkeypatc
     monkeypatch.setattr(changelog, "admin_client", lambda *a, **kw: Admin())
     with pytest.raises(MissingTopicError, match="could not create changelog topic 'in.g.state'"):
         changelog.ensure_changelog_topic("127.0.0.1:1", "in.g.state", 1)
+
+
+def test_a_changelog_topic_that_is_not_compacted_is_warned_about(bs, tmp_path, caplog):
+    """A changelog deleted by age loses the state of a partition idle for longer than retention.ms."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"in-{uuid.uuid4().hex[:6]}"
+    admin = AdminClient({"bootstrap.servers": bs})  # kept: the futures need a live client
+    fut = admin.create_topics([NewTopic(changelog_topic(topic, "g"), 1, -1, config={"cleanup.policy": "delete"})])
+    for f in fut.values():
+        f.result(20)
+    cfg = Config(engine={"checkpoint_dir": str(tmp_path)}, kafka={"topic": topic, "group_id": "g"})
+    with caplog.at_level("WARNING", logger="streamtta.engine"):
+        KafkaStateStore.from_config(cfg, bs).close()
+        assert "has cleanup.policy=delete" in caplog.text
+        caplog.clear()
+        KafkaStateStore.from_config(cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"group_id": "h"})}),
+                                    bs).close()  # created by streamtta: compacted, nothing to say
+    assert "cleanup.policy" not in caplog.text

@@ -347,3 +347,41 @@ def test_bad_checkpoint_is_moved_aside_never_executed_and_the_stream_starts_fres
     # started fresh: every record predicted, the new checkpoint loads
     assert sorted(p["offset"] for p in out.predictions.values) == list(range(64))
     assert store.load("t:0")["pipeline"]["batch_index"] == 4
+
+
+class LosingSource(MemorySource):
+    """A memory source whose partitions can be lost (session timeout) mid-run, as a Kafka consumer's can."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._lost_cbs = []
+
+    def on_lost(self, cb):
+        self._lost_cbs.append(cb)
+
+    def lose(self):
+        for cb in self._lost_cbs:
+            cb(sorted(self._assigned))
+
+
+def test_lost_partitions_are_forgotten_without_a_checkpoint_or_commit(tmp_path, model_meta):
+    """After a session timeout another worker may own the partition: the engine drops its state unsaved and
+    never commits its pending offsets; a clean revoke still checkpoints."""
+    cfg = load_config(overrides={"adapter": {"spec": "bn"}, "engine": {
+        "batch_size": 32, "checkpoint_interval_s": 3600, "checkpoint_dir": str(tmp_path / "ck")},
+        "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
+    comps = build_pipeline(cfg, *model_meta)
+    store = CheckpointStore(cfg.engine.checkpoint_dir)
+    src = LosingSource(digit_values(200), topic="t")
+    eng, out = make_engine(cfg, src, comps, store=store)
+    for _ in range(3):
+        eng.process(src.consume(32, 0.0))
+    assert eng._pending_commit and len(eng.states) == 1 and not list(store.directory.glob("*.pt"))
+    src.lose()
+    assert not eng._pending_commit and len(eng.states) == 0
+    assert src.commit_history == [] and not list(store.directory.glob("*.pt"))  # nothing written for it
+    eng2_src = MemorySource(digit_values(200), topic="t")
+    eng2, _ = make_engine(cfg, eng2_src, comps, store=store)
+    eng2.run()
+    eng2_src.close()
+    assert list(store.directory.glob("*.pt")) and eng2_src.committed == {("t", 0): 200}

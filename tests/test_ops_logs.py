@@ -143,3 +143,20 @@ def test_json_debug_lines_are_streamtta_own(root_logging):
     logging.getLogger("matplotlib").info("a library's INFO line still shows")
     assert [(d["logger"], d["level"]) for d in json_lines(buf)] == [("streamtta.engine", "DEBUG"),
                                                                    ("matplotlib", "INFO")]
+
+
+def test_an_unusable_path_is_a_fatal_json_line_from_the_environment_setting(tmp_path, root_logging, capsys,
+                                                                             monkeypatch):
+    """An OSError (an output folder under a file) exits 2 with one fatal line, JSON when the environment
+    asks for JSON logs, never a traceback."""
+    from streamtta import cli
+
+    monkeypatch.setenv("STREAMTTA_RUN__LOG_FORMAT", "json")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["simulate", "quickstart", "--output-dir", str(blocker / "sub"), "--no-progress",
+                     "--set", "run.scenario=quickstart"]) == 2
+    err = capsys.readouterr().err
+    fatal = [json.loads(line) for line in err.splitlines() if line.startswith("{") and '"fatal"' in line]
+    assert len(fatal) == 1 and fatal[0]["exit_code"] == 2 and fatal[0]["error"] == "NotADirectoryError"
+    assert "Traceback" not in err

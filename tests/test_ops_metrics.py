@@ -54,6 +54,7 @@ def test_engine_hooks_move_the_metrics(tmp_path, model_meta):
     assert v("streamtta_records_total", outcome="consumed") == n
     assert v("streamtta_records_total", outcome="processed") == n - len(poison) == eng.samples_processed
     assert v("streamtta_records_total", outcome="dead_lettered") == len(poison)
+    assert v("streamtta_records_total", outcome="skipped") == 0  # no restored state: nothing covered twice
     assert v("streamtta_alerts_total", kind="dead_letter") >= 1
     assert v("streamtta_batch_seconds_count") == eng.batches
     assert v("streamtta_step_seconds_count") == eng.batches  # one state: one step per batch
@@ -200,7 +201,8 @@ def test_metrics_and_readyz_over_http_during_a_kafka_run(embedded_broker, tmp_pa
                              ("streamtta_commit_seconds_count", {}), ("streamtta_checkpoint_seconds_count", {})]:
             assert second.get(name, **labels) > first.get(name, **labels), name
         assert second.get("streamtta_records_total", outcome="processed") == n1 + n2
-        assert second.get("streamtta_states") == 1 and second.get("process_resident_memory_bytes") > 0
+        assert first.get("streamtta_states") == 1 and second.get("process_resident_memory_bytes") > 0
+        assert second.get("streamtta_states") == 0  # the stopped engine's consumer gave its partition back
         code, body = readyz(telemetry.url)  # the engine stopped: not ready, still alive
         assert code == 503 and "the engine is not consuming" in body["reasons"]
         with urllib.request.urlopen(f"{telemetry.url}/healthz", timeout=5) as r:
@@ -208,3 +210,53 @@ def test_metrics_and_readyz_over_http_during_a_kafka_run(embedded_broker, tmp_pa
     finally:
         telemetry.close()
     assert np.isfinite(second.get("streamtta_ood_ratio"))
+
+
+def test_readiness_does_not_flap_between_statistics_reports(caplog):
+    """Statistics every 60 s against a 30 s poll-age limit: a healthy worker stays ready between reports."""
+    from streamtta.ops.telemetry import Telemetry
+
+    with caplog.at_level("WARNING", logger="streamtta.ops"):
+        t = Telemetry(stats_interval_ms=60_000, ready_max_poll_age_s=30, process=False)
+    assert "accepts a poll age of 120 s" in caplog.text
+    now = [0.0]
+    t.readiness.clock = lambda: now[0]
+    with t.consuming():
+        t.on_stats({"brokers": {"b:1/1": {"nodeid": 1, "state": "UP"}}, "cgrp": {"assignment_size": 1}})
+        now[0] = 45.0  # the next report is 15 s away
+        assert t.readiness.check()[0]
+        now[0] = 121.0  # two reports missed: the consumer is not polled
+        assert not t.readiness.check()[0]
+    assert Telemetry(stats_interval_ms=1000, ready_max_poll_age_s=30, process=False).readiness.max_poll_age_s == 30
+
+
+def test_states_gauge_follows_a_revocation_without_a_batch():
+    """A worker that loses its partitions (and gets no more records) must not go on showing their states."""
+    from types import SimpleNamespace
+
+    m = EngineMetrics(process=False)
+    engine = SimpleNamespace(records_seen=64, samples_processed=64, dead_letters=0, states={"t:0": 1, "t:1": 2})
+    m.batch(engine, [], 0.01)
+    assert m.value("streamtta_states") == 2
+    engine.states.clear()  # Engine._on_revoke pops the revoked partitions' states; no batch follows
+    assert m.value("streamtta_states") == 0
+
+
+def test_lag_help_says_it_counts_from_the_committed_offset():
+    """librdkafka (>= 1.7) computes consumer_lag from the committed offset, not the consumer's position."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families(EngineMetrics(process=False).exposition().decode())}
+    assert "committed offset" in fams["streamtta_consumer_lag"].documentation
+
+
+def test_records_a_restored_state_had_processed_count_as_skipped():
+    """After a takeover the new owner consumes again the records its restored state covers: without a
+    ``skipped`` outcome, consumed would exceed processed + dead-lettered with nothing to say why."""
+    from types import SimpleNamespace
+
+    m = EngineMetrics(process=False)
+    engine = SimpleNamespace(records_seen=3040, samples_processed=2974, dead_letters=2, skipped=64, states={})
+    m.batch(engine, [], 0.01)
+    v = lambda o: m.value("streamtta_records_total", outcome=o)  # noqa: E731
+    assert v("skipped") == 64 and v("consumed") == v("processed") + v("dead_lettered") + v("skipped")

@@ -134,3 +134,24 @@ def test_top_sends_url_credentials_as_basic_auth_and_never_shows_them(capsys):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_ctrl_c_ends_the_live_view_with_exit_code_0(monkeypatch, capsys):
+    """Ctrl-C is how one leaves ``streamtta top``: not an error line, not exit code 130."""
+    import signal
+
+    from streamtta.cli import top
+    from streamtta.signals import Interrupted
+
+    def sleep(seconds):  # the CLI's SIGINT handler raises Interrupted wherever the main thread is
+        raise Interrupted(signal.SIGINT)
+
+    m = EngineMetrics(process=False)
+    srv = OpsServer("127.0.0.1", 0, m.exposition, lambda: (True, {})).start()
+    monkeypatch.setattr(top.time, "sleep", sleep)
+    try:
+        assert main(["top", "--url", srv.url, "--interval", "1"]) == 0
+    finally:
+        srv.close()
+    captured = capsys.readouterr()
+    assert "stopped by SIGINT" not in captured.err and "consumed" in captured.out

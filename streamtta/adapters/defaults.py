@@ -3,9 +3,9 @@
 * a model with BatchNorm layers: :data:`~streamtta.adapters.terms.DEFAULT_SPEC` (class-balanced test
   statistics with the source fallback, gradient-free);
 * a model whose norm layers are all GroupNorm / LayerNorm (no batch statistics to re-estimate):
-  :data:`NO_BATCHNORM_SPEC` = ``align`` -- their outputs re-standardised per channel with the test batch's
-  statistics onto the source ones (measured by ``fit_source``; not on batches of a few classes, see
-  :mod:`streamtta.adapters.norms.aligned`). Entropy-filtered updates of the norm affine parameters
+  :data:`NO_BATCHNORM_SPEC` = ``align`` -- their outputs re-standardised per channel with a moving average
+  of the test batches' statistics onto the source ones (measured by ``fit_source``; batches of a few
+  classes weigh little, see :mod:`streamtta.adapters.norms.aligned`). Entropy-filtered updates of the norm affine parameters
   (SAR-style, :data:`NO_BATCHNORM_GRADIENT_SPEC`) are opt-in: on the tuning streams they gained nothing over
   ``align`` and, at TENT's learning rate, collapsed a LayerNorm model on a continual stream (README,
   "Held-out scenarios and backbones"); on TorchScript (no layer can be replaced) the default is ``source``;

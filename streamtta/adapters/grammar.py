@@ -121,6 +121,23 @@ def _split_terms(spec: str) -> list[str]:
     return parts
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs (``--methods``), commas inside a term's ``(...)`` kept.
+
+    >>> split_specs("source, bn,align(full_share=0.7,none_share=0.4)+tent")
+    ['source', 'bn', 'align(full_share=0.7,none_share=0.4)+tent']
+    """
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [m.strip() for m in [*out, cur] if m.strip()]
+
+
 def _parse_args(term: str, body: str | None, spec: str) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if body is None or not body.strip():

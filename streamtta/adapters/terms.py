@@ -48,7 +48,8 @@ TERMS: dict[str, TermInfo] = {
     for t in [
         TermInfo("source", "norm", {}),
         TermInfo("bn", "norm", {"min_batch_size": int, "source_weight": float}, _same("min_batch_size", "source_weight")),
-        TermInfo("align", "norm", {"min_batch_size": int, "full_share": float, "none_share": float}),
+        TermInfo("align", "norm", {"min_batch_size": int, "full_share": float, "none_share": float,
+                                    "alpha": float, "warmup": bool}),
         TermInfo("rbn", "norm", {"alpha": float, "warmup": float}, {"rbn_alpha": "alpha"}),
         TermInfo(
             "unmix-tns",

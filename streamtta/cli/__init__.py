@@ -6,8 +6,8 @@ Run ``streamtta COMMAND --help`` for the flags of each (a command lists only the
 
 Exit codes: 0 done (also ``run`` stopped by SIGINT/SIGTERM while consuming: batch finished, committed,
 broker stopped, results written; ``broker`` stopped by either); 1 Kafka unreachable (``kafka.connect_timeout_s``),
-input topic missing, or a commit or delivery failed for good; 2 bad config, model spec, calibration data or
-missing file; 128 + signal (130, 143) when a signal stops a command before its engine runs (no results) or a
+input topic missing, a commit or delivery failed for good, or an internal error (its traceback is shown); 2
+bad config, model spec, calibration data, a missing file or a path that cannot be used; 128 + signal (130, 143) when a signal stops a command before its engine runs (no results) or a
 second one aborts a stop.
 
 Modules: :mod:`.common` (flags, config, logging), :mod:`.run` (run, produce), :mod:`.calibrate`,
@@ -171,18 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         _fatal(f"stopped by {e.args[0].name}", 128 + int(e.args[0]), "Interrupted")
         return 128 + int(e.args[0])
+    except OSError as e:  # a path that cannot be written or read (checkpoint or output folder, ...)
+        _fatal(str(e), 2, type(e).__name__)
+        return 2
+    except Exception as e:  # a bug: the traceback goes with the fatal line (and into the JSON line's "exc")
+        _fatal(f"internal error: {type(e).__name__}: {e}", 1, type(e).__name__, exc=True)
+        return 1
 
 
-def _fatal(message: str, code: int, error: str) -> None:
+def _fatal(message: str, code: int, error: str, exc: bool = False) -> None:
     """The line a failed command ends with: plain text on stderr, or (``--log-format json``) one JSON log
     line, ``event`` "fatal" with the exit code and error type, so that log shippers see it too."""
     import logging
+    import os
+    import traceback
 
-    from streamtta.ops.logs import JsonFormatter
+    from streamtta.cli.common import json_logging
+    from streamtta.ops.logs import use_json_logs
 
-    # JSON logs by flag, config file or environment (resolve_config switched the root handler then)
-    if not any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+    # JSON logs by flag, config file or environment (resolve_config switched the root handler then; the
+    # environment is read here too, for a config that failed before it could be resolved)
+    if not json_logging() and os.environ.get("STREAMTTA_RUN__LOG_FORMAT", "").strip().lower() == "json":
+        use_json_logs()
+    if not json_logging():
+        if exc:
+            traceback.print_exc(file=sys.stderr)
         print(f"streamtta: {message}", file=sys.stderr)
         return
-    logging.getLogger("streamtta").critical("streamtta: %s", message,
+    logging.getLogger("streamtta").critical("streamtta: %s", message, exc_info=exc,
                                             extra={"event": "fatal", "exit_code": code, "error": error})

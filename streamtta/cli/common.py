@@ -131,3 +131,21 @@ def console() -> Any:
     from rich.console import Console
 
     return Console()
+
+
+def json_logging() -> bool:
+    """Whether the root logger writes JSON lines (``--log-format json``, by flag, config or environment)."""
+    from streamtta.ops.logs import JsonFormatter
+
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
+def say(message: str, event: str, **fields: Any) -> None:
+    """A line for people: rich text on stdout, or under JSON logs one INFO line (``event`` and ``fields``)
+    on the log stream, so that stdout never mixes text into a JSON log collector."""
+    if json_logging():
+        from rich.text import Text
+
+        logging.getLogger("streamtta").info(Text.from_markup(message).plain, extra={"event": event, **fields})
+    else:
+        console().print(message)

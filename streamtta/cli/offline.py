@@ -55,7 +55,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return run_throughput(cfg, args.scenarios, batch_sizes=_ints(args.batch_sizes),
                               samples=args.throughput_samples, workers=_ints(args.workers),
                               json_out=args.json, markdown_out=args.markdown)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from streamtta.adapters.grammar import split_specs
+
+    methods = split_specs(args.methods)  # commas inside a term's (...) stay
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [parse_variant(v) for v in args.variants]
     if args.scorers:

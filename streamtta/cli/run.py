@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from streamtta.cli.common import console, resolve_config
+from streamtta.cli.common import resolve_config, say
 from streamtta.cli.summary import print_summary
 from streamtta.config import ConfigError, deep_merge
 from streamtta.signals import on_signals
@@ -31,7 +31,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     stream = build_stream(scenario, cfg.engine.seed)
     n = replay(stream.iter_samples(), k.bootstrap_servers, k.topic, rate=cfg.run.rate, progress=cfg.run.progress,
                total=len(stream), kafka=k)  # security settings, broker wait, input topic check
-    print(f"produced {n} records of scenario {scenario.name!r} to {k.topic}")
+    say(f"produced {n} records of scenario {scenario.name!r} to {k.topic}", "produced", records=n, topic=k.topic)
     return 0
 
 
@@ -50,13 +50,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.scenario:
         replay_flag = deep_merge(replay_flag, {"run": {"scenario": args.scenario}})
     cfg = resolve_config(args, replay_flag)
+    if cfg.engine.state_store == "kafka":  # a changelog name Kafka refuses fails now, not after the model loads
+        from streamtta.state_store import changelog_topic_of
+
+        changelog_topic_of(cfg)
     telemetry = Telemetry.from_config(cfg)
     if telemetry is not None:
         try:
             telemetry.start()
         except OSError as e:
             raise ConfigError(f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {e}") from e
-        console().print(f"metrics on {telemetry.url}/metrics (health: /healthz, readiness: /readyz)")
+        say(f"metrics on {telemetry.url}/metrics (health: /healthz, readiness: /readyz)", "metrics",
+            url=f"{telemetry.url}/metrics")
     try:
         return _run(args, cfg, telemetry)
     finally:
@@ -95,8 +100,8 @@ def _run(args: argparse.Namespace, cfg: Any, telemetry: Any) -> int:
     run_dir = runner.new_run_dir(cfg.run.output_dir)  # once the model loaded and calibrated
     if cfg.engine.checkpoint_dir == Path(".streamtta/checkpoints") and not cfg.kafka.bootstrap_servers:
         cfg.engine.checkpoint_dir = run_dir / "checkpoints"  # fresh embedded broker: fresh state
-    out = console()
-    out.print(f"[bold]streamtta run[/] -> {run_dir}")
+    say(f"[bold]streamtta run[/] -> {run_dir}", "run_start", run_dir=str(run_dir),
+        adapter_spec=pipeline.blueprint.spec)
     runner.write_manifest(run_dir, cfg, seed=cfg.engine.seed, stream=stream.describe() if stream else None,
                           extra={"adapter_spec": pipeline.blueprint.spec})  # what "default" resolved to
 
@@ -108,7 +113,7 @@ def _run(args: argparse.Namespace, cfg: Any, telemetry: Any) -> int:
 
             broker = stack.enter_context(EmbeddedBroker(log_dir=run_dir))
             bootstrap = broker.bootstrap_servers
-            out.print(f"embedded broker at {bootstrap}")
+            say(f"embedded broker at {bootstrap}", "broker", bootstrap_servers=bootstrap)
             k.stop_at_end = k.create_topics = True
         if stream is not None:
             from streamtta.stream.producer import replay

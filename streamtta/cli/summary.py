@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from streamtta.cli.common import console
+from streamtta.cli.common import console, json_logging
 
 
 def print_summary(summary: dict[str, Any], stats: dict[str, Any], run_dir: Path | None) -> None:
@@ -36,17 +36,29 @@ def print_summary(summary: dict[str, Any], stats: dict[str, Any], run_dir: Path 
         ("calibration", calibration),
         ("results", str(run_dir) if run_dir else None),
     ]
+    notes = []
+    if uncalibrated:
+        notes.append(f"[bold yellow]OOD flags:[/] {calibration}")
+    if not stats.get("records") and stats.get("group_id"):
+        notes.append(f"[bold yellow]Nothing consumed:[/] consumer group {stats['group_id']!r} has already read "
+                     f"{stats.get('topic', 'the topic')!r} to its end (committed offsets); a new --group-id reads "
+                     f"it again from the start")
+    if json_logging():  # one JSON line with every figure, on the log stream
+        import logging
+
+        from rich.text import Text
+
+        logging.getLogger("streamtta").info("run summary", extra={
+            "event": "summary", "summary": summary, "stats": stats, "run_dir": str(run_dir),
+            "notes": [Text.from_markup(n).plain for n in notes]})
+        return
     for k, v in rows:
         if v is not None:
             t.add_row(k, str(v) if not (k == "calibration" and uncalibrated) else "none")
     out = console()
     out.print(t)
-    if uncalibrated:
-        out.print(f"[bold yellow]OOD flags:[/] {calibration}")
-    if not stats.get("records") and stats.get("group_id"):
-        out.print(f"[bold yellow]Nothing consumed:[/] consumer group {stats['group_id']!r} has already read "
-                  f"{stats.get('topic', 'the topic')!r} to its end (committed offsets); a new --group-id reads "
-                  f"it again from the start")
+    for note in notes:
+        out.print(note)
 
 
 def fmt(v: Any) -> str | None:

@@ -4,7 +4,8 @@ Every ``--interval`` seconds it scrapes the worker and shows throughput (records
 increase), consumer lag per partition, the OOD rate, step and batch latency p50/p99 (estimated from the
 histogram buckets), states held, shifts and re-adaptations, and alerts by kind (in the last interval
 and in total). ``--once`` scrapes twice, ``--interval`` apart, prints one frame and exits (1 when the
-worker cannot be reached or its address answers no streamtta metrics). The figures come from
+worker cannot be reached or its address answers no streamtta metrics); without it, Ctrl-C (or SIGTERM)
+ends the view with exit code 0. The figures come from
 :func:`streamtta.ops.scrape.summarize`. Behind a proxy with HTTP basic auth, put the credentials in the
 URL (``--url http://user:password@host:9100``): they are sent as an ``Authorization`` header and never
 shown.
@@ -85,6 +86,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
+    from streamtta.signals import Interrupted
+
     console = Console()
     if args.once:
         try:
@@ -107,5 +110,5 @@ def cmd_top(args: argparse.Namespace) -> int:
                 except (OSError, ValueError) as e:
                     live.update(render(args.url, {}, error=str(e)), refresh=True)
                 time.sleep(max(args.interval, 0.1))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # the CLI turns SIGINT/SIGTERM into Interrupted: quitting the view
             return 0

@@ -87,7 +87,8 @@ class ModelConfig(Section):
 
 class AdapterConfig(Section):
     spec: str = Field("default", description="Adapter spec, e.g. 'unmix-tns+tent+conf-drop', 'bn', 'source'; "
-                                             "'default' = streamtta.adapters.DEFAULT_SPEC.")
+                                             "'default' resolves per model: cb-stats+source-fallback with "
+                                             "BatchNorm, align with LayerNorm/GroupNorm, else source.")
     options: dict[str, Any] = Field(default_factory=dict, description="Overrides passed to build_adapter (lr, K, ...).")
     class_prior: bool = Field(True, description="Start class-statistics norms (cb-stats) from the source data's "
                                                 "class statistics (needs a model with streamtta metadata).")

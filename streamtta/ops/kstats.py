@@ -1,8 +1,10 @@
 """librdkafka statistics (the JSON a client emits every ``statistics.interval.ms``) reduced to what
 operators watch: consumer lag per assigned partition, whether a broker is up, the group's assignment.
 
-librdkafka's ``consumer_lag`` of a partition is its high watermark minus the consumer's position (the
-next offset the application will be given), -1 while either is unknown; such partitions are left out.
+librdkafka's ``consumer_lag`` of a partition (since librdkafka 1.7) is its high watermark (the last stable
+offset under ``isolation.level=read_committed``) minus the group's committed offset: the records not yet
+committed, so it includes what the engine holds or has processed since its last commit; -1 while either
+is unknown, and such partitions are left out.
 Partition ``-1`` (librdkafka's internal "unassigned" partition) is always left out.
 
 >>> raw = {"ts": 5_000_000, "brokers": {"b:9092/1": {"nodeid": 1, "state": "UP"},
@@ -28,7 +30,7 @@ __all__ = ["ConsumerStats"]
 class ConsumerStats:
     """One statistics report of a consumer."""
 
-    #: records behind the high watermark per assigned ``(topic, partition)`` (known ones only)
+    #: records between the committed offset and the end per assigned ``(topic, partition)`` (known ones only)
     lag: dict[tuple[str, int], int] = field(default_factory=dict)
     #: brokers (real nodes, not the bootstrap or coordinator placeholders) in state ``UP``
     brokers_up: int = 0

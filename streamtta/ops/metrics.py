@@ -5,6 +5,8 @@ one), so tests and several engines in one process do not collide; the process co
 (``process_resident_memory_bytes``, ``process_cpu_seconds_total``, ...) is registered in it. It is an
 :class:`~streamtta.ops.observer.EngineObserver`: the engine's hooks update it, and :meth:`on_stats`
 takes the consumer's librdkafka statistics (lag per partition). Base units: seconds, records.
+``streamtta_states`` is read from the engine at each scrape (from its first batch on), so states dropped
+on a revocation leave it at once, even when no batch follows.
 
 >>> m = EngineMetrics(process=False)
 >>> m.commit({("t", 0): 5}, 0.002, True)
@@ -36,8 +38,10 @@ __all__ = ["LATENCY_BUCKETS", "OUTCOMES", "EngineMetrics"]
 
 #: histogram buckets (seconds) of batch, step, checkpoint and commit durations: 1 ms .. 30 s
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: the ``outcome`` label values of ``streamtta_records_total``
-OUTCOMES = ("consumed", "processed", "dead_lettered")
+#: the ``outcome`` label values of ``streamtta_records_total``: ``skipped`` counts records consumed again
+#: that a restored state had already processed (after a takeover or a restart), so consumed = processed +
+#: dead_lettered + skipped once nothing is in flight
+OUTCOMES = ("consumed", "processed", "dead_lettered", "skipped")
 
 
 class EngineMetrics(EngineObserver):
@@ -48,16 +52,16 @@ class EngineMetrics(EngineObserver):
         if process:
             ProcessCollector(registry=self.registry)
         r = self.registry
-        self.records = Counter("streamtta_records", "Records consumed, processed (predicted) and dead-lettered.",
-                               ["outcome"], registry=r)
+        self.records = Counter("streamtta_records", "Records consumed, processed (predicted), dead-lettered and "
+                               "skipped (already processed by a restored state).", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.records.labels(outcome)  # every outcome is exported from the start, at 0
         self.batch_seconds = Histogram("streamtta_batch_seconds", "Whole engine batch: decode, pipelines, "
                                        "sinks, checkpoint and commit.", buckets=LATENCY_BUCKETS, registry=r)
         self.step_seconds = Histogram("streamtta_step_seconds", "One pipeline step: adapt, score, monitor, "
                                       "re-adapt.", buckets=LATENCY_BUCKETS, registry=r)
-        self.lag = Gauge("streamtta_consumer_lag", "Records behind the high watermark per assigned partition "
-                         "(librdkafka statistics).", ["topic", "partition"], registry=r)
+        self.lag = Gauge("streamtta_consumer_lag", "Records between the group's committed offset and the end "
+                         "of each assigned partition (librdkafka statistics).", ["topic", "partition"], registry=r)
         self.ood_ratio = Gauge("streamtta_ood_ratio", "Fraction of the last batch flagged OOD.", registry=r)
         self.ood = Counter("streamtta_ood", "Samples flagged OOD.", registry=r)
         self.alerts = Counter("streamtta_alerts", "Alerts sent, by kind.", ["kind"], registry=r)
@@ -70,19 +74,22 @@ class EngineMetrics(EngineObserver):
         self.commit_seconds = Histogram("streamtta_commit_seconds", "One offset commit.",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.states = Gauge("streamtta_states", "Adaptation states held in memory.", registry=r)
-        self._seen = {"consumed": 0, "processed": 0, "dead_lettered": 0}
+        self._seen = dict.fromkeys(OUTCOMES, 0)
+        self._engine: Any = None  # the engine whose states the gauge reads
         self._lag_labels: set[tuple[str, str]] = set()
 
     # -- engine hooks ----------------------------------------------------------------------------
     def batch(self, engine: Any, records: list[Any], seconds: float) -> None:
         self.batch_seconds.observe(seconds)
         now = {"consumed": engine.records_seen, "processed": engine.samples_processed,
-               "dead_lettered": engine.dead_letters}
+               "dead_lettered": engine.dead_letters, "skipped": getattr(engine, "skipped", 0)}
         for outcome, total in now.items():  # the engine's own counters: nothing is counted twice
             if total > self._seen[outcome]:
                 self.records.labels(outcome).inc(total - self._seen[outcome])
             self._seen[outcome] = total
-        self.states.set(len(engine.states))
+        if engine is not self._engine:  # read at every scrape: a revocation drops states between batches
+            self._engine = engine
+            self.states.set_function(lambda: len(engine.states))
 
     def step(self, key: str, result: Any, pipeline: Any) -> None:
         self.step_seconds.observe(result.step_s)

@@ -176,7 +176,8 @@ def _window(prev: Snapshot | None, cur: Snapshot, name: str) -> list[tuple[float
 
 def summarize(prev: Snapshot | None, cur: Snapshot) -> dict[str, Any]:
     """What ``streamtta top`` shows, from the latest scrape and the one before (rates need both)."""
-    records = {o: cur.get("streamtta_records_total", outcome=o) for o in ("consumed", "processed", "dead_lettered")}
+    records = {o: cur.get("streamtta_records_total", outcome=o)
+               for o in ("consumed", "processed", "dead_lettered", "skipped")}
     rates = {o: rate(prev, cur, "streamtta_records_total", outcome=o) for o in records}
     ood_rate = rate(prev, cur, "streamtta_ood_total")
     processed_rate = rates["processed"]

@@ -6,6 +6,11 @@ The run passes :meth:`Telemetry.source_options` to its :class:`~streamtta.stream
 (librdkafka statistics: lag, broker state, polls), :attr:`Telemetry.metrics` to its engine as an observer,
 and runs the engine inside :meth:`Telemetry.consuming`.
 
+A statistics report is what tells readiness that the consumer was polled, so the poll age ``/readyz``
+accepts is at least two statistics intervals: with ``metrics.stats_interval_ms`` above half of
+``metrics.ready_max_poll_age_s`` a healthy worker would otherwise flap between ready and not ready
+(a warning says which limit applies).
+
 >>> from streamtta.config import Config
 >>> Telemetry.from_config(Config()) is None   # metrics.port unset: no exporter
 True
@@ -13,9 +18,12 @@ True
 >>> t.port > 0, t.readiness.check()[0]
 (True, False)
 >>> t.close()
+>>> Telemetry(stats_interval_ms=60_000, ready_max_poll_age_s=30, process=False).readiness.max_poll_age_s
+120.0
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +35,8 @@ from streamtta.ops.server import OpsServer
 
 __all__ = ["Telemetry"]
 
+log = logging.getLogger("streamtta.ops")
+
 
 class Telemetry:
     """Metrics + readiness of one engine, served on ``host:port`` once :meth:`start` ed."""
@@ -34,8 +44,13 @@ class Telemetry:
     def __init__(self, host: str = "0.0.0.0", port: int = 0, *, stats_interval_ms: int = 1000,
                  ready_max_poll_age_s: float = 30.0, process: bool = True) -> None:
         self.metrics = EngineMetrics(process=process)
-        self.readiness = Readiness(ready_max_poll_age_s)
         self.stats_interval_ms = int(stats_interval_ms)
+        max_age = max(float(ready_max_poll_age_s), 2 * self.stats_interval_ms / 1000)
+        if max_age > ready_max_poll_age_s:
+            log.warning("metrics.ready_max_poll_age_s=%g is shorter than two statistics intervals "
+                        "(metrics.stats_interval_ms=%d): /readyz accepts a poll age of %g s", ready_max_poll_age_s,
+                        self.stats_interval_ms, max_age)
+        self.readiness = Readiness(max_age)
         self.server = OpsServer(host, port, self.metrics.exposition, self.readiness.check)
         self.started = False
 
