@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from streamtta.adapters.grammar import split_specs
+from streamtta.adapters.grammar import SpecError, parse_spec, split_specs
 
 #: display name -> spec of the baselines the held-out criteria name
 BASELINES = {"tent": "bn+tent", "ema-stats": "rbn"}
@@ -127,13 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     fit = {"both": (True, False), "fit": (True,), "no-fit": (False,)}[a.fit]
+    methods = split_specs(a.methods)
+    for m in methods:  # a typo in the last method stops before the first one runs
+        try:
+            parse_spec(BASELINES.get(m, m))
+        except SpecError as e:
+            p.error(str(e))
     rows: list[dict[str, Any]] = []
     for name in a.scenarios:
         sc = find_scenario(name)
         update = {k: v for k, v in (("model", a.model), ("samples_per_domain", a.samples_per_domain)) if v}
         if update:
             sc = type(sc).model_validate({**sc.model_dump(), **update, "name": sc.name + (f".{a.model}" if a.model else "")})
-        rows += adapter_accuracy(sc, split_specs(a.methods), fit=fit)
+        rows += adapter_accuracy(sc, methods, fit=fit)
     table = markdown(rows)
     print(table)
     if a.json:

@@ -94,20 +94,28 @@ class Engine:
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
         """Partitions lost without a clean revoke (session timeout): another worker may own them already, so
         their streams are forgotten unsaved (no checkpoint, no commit: a stale state must not overwrite the
-        new owner's); their records come again from the last commit."""
+        new owner's); their records come again from the last commit. Their held predictions are written first:
+        a stream_id state may hold records of a kept partition, which is committed past them later."""
         log.warning("partitions %s lost: their state since the last checkpoint is dropped", sorted(partitions))
+        doomed = self._doomed(partitions)
+        for key in doomed if self.failed is None else []:
+            for res in self.states[key].pipe.release(everything=True):
+                self._emit(self.states[key], res)
         for tp in partitions:
             self._pending_commit.pop(tp, None)
-        self._dirty -= {k for k in self._dirty if k in self.states
-                        and set(self.states[k].next_offsets) & set(partitions)} | {f"{t}:{p}" for t, p in partitions}
-        self._forget(partitions)
+        self._dirty -= set(doomed)
+        for key in doomed:
+            self.states.pop(key)
+
+    def _doomed(self, partitions: list[TopicPartition]) -> list[str]:
+        """The keys of the states that belong to ``partitions``."""
+        lost = {f"{t}:{p}" for t, p in partitions}
+        return [key for key in list(self.states) if key in lost or (self.cfg.engine.state_key == "stream_id"
+                and set(self.states[key].next_offsets) & set(partitions))]
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
-        lost = {f"{t}:{p}" for t, p in partitions}
-        for key in list(self.states):
-            if key in lost or (self.cfg.engine.state_key == "stream_id"
-                               and set(self.states[key].next_offsets) & set(partitions)):
-                self.states.pop(key)
+        for key in self._doomed(partitions):
+            self.states.pop(key)
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self, *, max_records: int | None = None) -> None:
@@ -184,7 +192,8 @@ class Engine:
         if self.failed is not None:
             raise RuntimeError(f"the engine failed earlier ({self.failed!r}); start a new one") from self.failed
         t0 = time.perf_counter()
-        self.first_record_at = self.first_record_at or t0
+        if self.first_record_at is None:  # the interval counts from the first record, not the group join
+            self.first_record_at, self._last_ckpt = t0, time.monotonic()
         self.records_seen += len(records)
         groups: dict[str, list[tuple[RawRecord, Sample]]] = defaultdict(list)
         bad: list[tuple[RawRecord, str]] = []

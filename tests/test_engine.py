@@ -385,3 +385,28 @@ def test_lost_partitions_are_forgotten_without_a_checkpoint_or_commit(tmp_path, 
     eng2.run()
     eng2_src.close()
     assert list(store.directory.glob("*.pt")) and eng2_src.committed == {("t", 0): 200}
+
+
+def test_losing_one_partition_never_commits_the_kept_ones_past_held_outputs(tmp_path, model_meta):
+    """state_key=stream_id: one stream spans partitions 0 and 1 and its last batch is held when partition 1
+    is lost. The forgotten state's held predictions of partition 0 must still be written before partition 0
+    is committed past them (they are never delivered again in this session)."""
+    from streamtta.types import RawRecord
+
+    cfg = load_config(overrides={"engine": {"batch_size": 64, "state_key": "stream_id", "checkpoint_interval_s": 3600,
+                                            "checkpoint_dir": str(tmp_path / "ck")},
+                                 "kafka": {"stop_at_end": True, "poll_timeout_s": 0.01}}, env=False)
+    assert cfg.monitor.hold_batches >= 1
+    vals = digit_values(128)
+    recs = [RawRecord("t", i % 2, i // 2, v) for i, v in enumerate(vals)]  # 64 per partition, interleaved
+    src = LosingSource(recs, topic="t")
+    eng, out = make_engine(cfg, src, build_pipeline(cfg, *model_meta))
+    eng.process(recs[:64])
+    eng.process(recs[64:])  # the first batch is written, the second held
+    assert any(st.pipe.held for st in eng.states.values())
+    for cb in src._lost_cbs:
+        cb([("t", 1)])
+    eng._finish_batch(force=True)
+    written = {(p["partition"], p["offset"]) for p in out.predictions.values}
+    for (topic, part), nxt in src.committed.items():
+        assert part == 0 and all((0, o) in written for o in range(nxt)), (nxt, sorted(written))

@@ -108,7 +108,8 @@ def test_kill9_restart_loses_nothing(embedded_broker, tmp_path):
     topic, group = f"k9-{uuid.uuid4().hex[:6]}", f"g-{uuid.uuid4().hex[:6]}"
     n, batch = 2000, 16
     produce_digits(bs, topic, n)
-    cmd = engine_cmd(bs, topic, group, tmp_path, "--batch-size", str(batch))
+    # checkpoint_interval_s=0: a commit after every batch, so a kill duplicates at most one batch
+    cmd = engine_cmd(bs, topic, group, tmp_path, "--batch-size", str(batch), "--set", "engine.checkpoint_interval_s=0")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # wait until it is mid-stream: some offsets committed, far from the end
     deadline = time.monotonic() + 120

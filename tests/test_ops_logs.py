@@ -160,3 +160,17 @@ def test_an_unusable_path_is_a_fatal_json_line_from_the_environment_setting(tmp_
     fatal = [json.loads(line) for line in err.splitlines() if line.startswith("{") and '"fatal"' in line]
     assert len(fatal) == 1 and fatal[0]["exit_code"] == 2 and fatal[0]["error"] == "NotADirectoryError"
     assert "Traceback" not in err
+
+
+def test_a_usage_error_under_json_logs_is_a_json_fatal_line(root_logging, capsys):
+    """An unknown flag with --log-format json: stderr is JSON lines only, ending with the fatal one (exit 2)."""
+    from streamtta import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--log-format", "json", "--no-such-flag"])
+    assert e.value.code == 2
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1]["event"] == "fatal" and lines[-1]["exit_code"] == 2 and "--no-such-flag" in lines[-1]["message"]
+    with pytest.raises(SystemExit):  # text logs: argparse's own usage message
+        cli.main(["run", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

@@ -178,7 +178,8 @@ def test_metrics_and_readyz_over_http_during_a_kafka_run(embedded_broker, tmp_pa
         result = {}
         worker = threading.Thread(target=lambda: result.update(r=consume(cfg, bs, pipeline=pipe, progress=False,
                                                                            telemetry=telemetry,
-                                                                           max_records=n1 + n2)))
+                                                                           max_records=n1 + n2)),
+                                  daemon=True)  # a failed assertion below must not keep pytest from exiting
         worker.start()
 
         def scrape_once_consumed(n):

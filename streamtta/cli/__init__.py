@@ -44,10 +44,30 @@ from streamtta.config import ConfigError
 __all__ = ["FLAG_FIELDS", "add_config_flags", "build_parser", "main", "resolve_config"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are a JSON fatal line too when JSON logs are asked for."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):  # type: ignore[override]
+        import os
+
+        a = _Parser.argv
+        if any(t == "--log-format=json" or (t == "--log-format" and a[i + 1:i + 2] == ["json"])
+               for i, t in enumerate(a)) or os.environ.get("STREAMTTA_RUN__LOG_FORMAT", "").strip() == "json":
+            from streamtta.ops.logs import use_json_logs
+
+            use_json_logs()
+            sub = self.prog.removeprefix("streamtta").strip()  # _fatal says "streamtta: " itself
+            _fatal(f"{sub}: {message}" if sub else message, 2, "UsageError")
+            raise SystemExit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from streamtta.version import __version__
 
-    p = argparse.ArgumentParser(prog="streamtta", description="Streaming test-time adaptation engine.")
+    p = _Parser(prog="streamtta", description="Streaming test-time adaptation engine.")
     p.add_argument("--version", action="version", version=f"streamtta {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -156,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamtta.stream.kafka.errors import BrokerUnavailable, CommitError, DeliveryError, MissingTopicError
 
     parser = build_parser()
+    _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", 0), getattr(args, "log_format", None) or "text")
     from streamtta.adapters.grammar import SpecError

@@ -55,9 +55,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return run_throughput(cfg, args.scenarios, batch_sizes=_ints(args.batch_sizes),
                               samples=args.throughput_samples, workers=_ints(args.workers),
                               json_out=args.json, markdown_out=args.markdown)
-    from streamtta.adapters.grammar import split_specs
+    from streamtta.adapters.grammar import parse_spec, split_specs
 
     methods = split_specs(args.methods)  # commas inside a term's (...) stay
+    for m in methods:  # a typo in the last method stops the bench before the first one runs
+        parse_spec(m)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [parse_variant(v) for v in args.variants]
     if args.scorers:

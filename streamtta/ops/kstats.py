@@ -4,18 +4,21 @@ operators watch: consumer lag per assigned partition, whether a broker is up, th
 librdkafka's ``consumer_lag`` of a partition (since librdkafka 1.7) is its high watermark (the last stable
 offset under ``isolation.level=read_committed``) minus the group's committed offset: the records not yet
 committed, so it includes what the engine holds or has processed since its last commit; -1 while either
-is unknown, and such partitions are left out.
+is unknown. Before the group's first commit on a partition the lag is taken from the consumer's position
+instead (``ls_offset``, else ``hi_offset``, minus ``app_offset``: the records not yet consumed), so a new
+group shows its backlog at once; partitions where neither is known are left out.
 Partition ``-1`` (librdkafka's internal "unassigned" partition) is always left out.
 
 >>> raw = {"ts": 5_000_000, "brokers": {"b:9092/1": {"nodeid": 1, "state": "UP"},
 ...        "GroupCoordinator": {"nodeid": -1, "state": "UP"}},
 ...        "topics": {"t": {"partitions": {"0": {"consumer_lag": 7, "desired": True},
 ...                                        "1": {"consumer_lag": -1, "desired": True},
+...                                        "2": {"consumer_lag": -1, "ls_offset": 90, "app_offset": 40},
 ...                                        "-1": {"consumer_lag": 0, "desired": False}}}},
 ...        "cgrp": {"state": "up", "assignment_size": 2}}
 >>> s = ConsumerStats.parse(raw)
 >>> s.lag, s.brokers_up, s.assigned
-({('t', 0): 7}, 1, 2)
+({('t', 0): 7, ('t', 2): 50}, 1, 2)
 """
 from __future__ import annotations
 
@@ -47,6 +50,10 @@ class ConsumerStats:
         for topic, t in (doc.get("topics") or {}).items():
             for pid, p in (t.get("partitions") or {}).items():
                 part, value = int(pid), int(p.get("consumer_lag", -1))
+                end, pos = int(p.get("ls_offset", -1)), int(p.get("app_offset", -1))
+                end = end if end >= 0 else int(p.get("hi_offset", -1))
+                if value < 0 and end >= 0 and pos >= 0:  # nothing committed yet: what is not yet consumed
+                    value = max(0, end - pos)
                 if part >= 0 and value >= 0 and p.get("desired", True):
                     lag[(topic, part)] = value
         up = sum(1 for b in (doc.get("brokers") or {}).values()
