@@ -28,14 +28,12 @@ def readings(rng: np.random.Generator, n: int, states: list[int], drift: float =
     return (centers[y] + rng.normal(0, 1, (n, 8)) + drift).astype(np.float32), y
 
 
-@pytest.fixture(scope="module")
-def sensor(tmp_path_factory: pytest.TempPathFactory):
-    """A folder with ``<module>.py`` (the factory), its trained weights and clean source data."""
-    folder = tmp_path_factory.mktemp("byom")
-    name = f"sensor_{uuid.uuid4().hex[:8]}"
-    (folder / f"{name}.py").write_text(FACTORY)
+def train_factory(source: str, name: str, folder) -> tuple[torch.nn.Module, np.random.Generator]:
+    """Write ``source`` as ``<folder>/<name>.py``, train its factory's model on clean readings of states 0-2
+    and save ``weights.pt`` and ``source.npz`` (the first 1,000 readings) next to it: ``(model, rng)``."""
+    (folder / f"{name}.py").write_text(source)
     ns: dict = {}
-    exec(compile(FACTORY, name, "exec"), ns)
+    exec(compile(source, name, "exec"), ns)
     rng = np.random.default_rng(1)
     x, y = readings(rng, 3000, [0, 1, 2])
     torch.manual_seed(0)
@@ -50,6 +48,15 @@ def sensor(tmp_path_factory: pytest.TempPathFactory):
     net.eval()
     torch.save(net.state_dict(), folder / "weights.pt")
     np.savez(folder / "source.npz", x=x[:1000], y=y[:1000])
+    return net, rng
+
+
+@pytest.fixture(scope="module")
+def sensor(tmp_path_factory: pytest.TempPathFactory):
+    """A folder with ``<module>.py`` (the factory), its trained weights and clean source data."""
+    folder = tmp_path_factory.mktemp("byom")
+    name = f"sensor_{uuid.uuid4().hex[:8]}"
+    net, rng = train_factory(FACTORY, name, folder)
     yield {"dir": folder, "module": name, "net": net, "rng": rng}
     sys.modules.pop(name, None)
 
@@ -182,23 +189,7 @@ def test_layernorm_factory_adapts_on_the_users_stream(tmp_path, monkeypatch, emb
     """The same flow with a LayerNorm MLP: the default aligns its LayerNorm outputs to the statistics of the
     calibration data (no BatchNorm to re-estimate), so the +3 drift no longer costs accuracy."""
     name = f"sensor_ln_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(FACTORY.replace("nn.BatchNorm1d(32)", "nn.LayerNorm(32)"))
-    ns: dict = {}
-    exec(compile(FACTORY.replace("nn.BatchNorm1d(32)", "nn.LayerNorm(32)"), name, "exec"), ns)
-    rng = np.random.default_rng(1)
-    x, y = readings(rng, 3000, [0, 1, 2])
-    torch.manual_seed(0)
-    net = ns["factory"]()
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(300):
-        i = rng.integers(0, len(x), 128)
-        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x[i])), torch.from_numpy(y[i]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    torch.save(net.state_dict(), tmp_path / "weights.pt")
-    np.savez(tmp_path / "source.npz", x=x[:1000], y=y[:1000])
+    net, rng = train_factory(FACTORY.replace("nn.BatchNorm1d(32)", "nn.LayerNorm(32)"), name, tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     bs = embedded_broker.bootstrap_servers
