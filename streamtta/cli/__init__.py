@@ -50,11 +50,9 @@ class _Parser(argparse.ArgumentParser):
     argv: list[str] = []
 
     def error(self, message: str):  # type: ignore[override]
-        import os
-
         a = _Parser.argv
         if any(t == "--log-format=json" or (t == "--log-format" and a[i + 1:i + 2] == ["json"])
-               for i, t in enumerate(a)) or os.environ.get("STREAMTTA_RUN__LOG_FORMAT", "").strip() == "json":
+               for i, t in enumerate(a)) or _env_wants_json():
             from streamtta.ops.logs import use_json_logs
 
             use_json_logs()
@@ -204,7 +202,6 @@ def _fatal(message: str, code: int, error: str, exc: bool = False) -> None:
     """The line a failed command ends with: plain text on stderr, or (``--log-format json``) one JSON log
     line, ``event`` "fatal" with the exit code and error type, so that log shippers see it too."""
     import logging
-    import os
     import traceback
 
     from streamtta.cli.common import json_logging
@@ -212,7 +209,7 @@ def _fatal(message: str, code: int, error: str, exc: bool = False) -> None:
 
     # JSON logs by flag, config file or environment (resolve_config switched the root handler then; the
     # environment is read here too, for a config that failed before it could be resolved)
-    if not json_logging() and os.environ.get("STREAMTTA_RUN__LOG_FORMAT", "").strip().lower() == "json":
+    if not json_logging() and _env_wants_json():
         use_json_logs()
     if not json_logging():
         if exc:
@@ -221,3 +218,10 @@ def _fatal(message: str, code: int, error: str, exc: bool = False) -> None:
         return
     logging.getLogger("streamtta").critical("streamtta: %s", message, exc_info=exc,
                                             extra={"event": "fatal", "exit_code": code, "error": error})
+
+
+def _env_wants_json() -> bool:
+    """``STREAMTTA_RUN__LOG_FORMAT=json`` in the environment (read before any config could be resolved)."""
+    import os
+
+    return os.environ.get("STREAMTTA_RUN__LOG_FORMAT", "").strip().lower() == "json"

@@ -60,7 +60,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = split_specs(args.methods)  # commas inside a term's (...) stay
     for m in methods:  # a typo in the last method stops the bench before the first one runs
         parse_spec(m)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = _ints(args.seeds)
     variants = [parse_variant(v) for v in args.variants]
     if args.scorers:
         variants += scorer_variants([s.strip() for s in args.scorers.split(",") if s.strip()])

@@ -218,7 +218,7 @@ class AlignedNorm(AdaptiveNorm):
     # -- source statistics ----------------------------------------------------------------------------
     def start_recording(self) -> None:
         """Accumulate the ``z`` statistics of the following :meth:`source_forward` calls."""
-        dev = self.source_mean.device if getattr(self, "source_mean", None) is not None else None
+        dev = self.source_mean.device
         self._sums = [torch.zeros((), dtype=torch.float64, device=dev),
                       torch.zeros(self.num_features, dtype=torch.float64, device=dev),
                       torch.zeros(self.num_features, dtype=torch.float64, device=dev)]
