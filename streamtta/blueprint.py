@@ -70,6 +70,20 @@ def _reseed(seed: int, cpu_state: torch.Tensor) -> None:
     torch.set_rng_state(cpu_state)
 
 
+def _eager_if_possible(model: torch.nn.Module) -> torch.nn.Module:
+    """A scripted ``nn.Sequential`` of standard layers as its eager twin (:mod:`streamtta.models.unscript`),
+    so that every adapter runs on it; any other model as it is."""
+    from streamtta.adapters.scripted import is_script
+    from streamtta.models.unscript import eager_sequential
+
+    eager = eager_sequential(model) if is_script(model) else None
+    if eager is None:
+        return model
+    logging.getLogger("streamtta").info("model: a scripted nn.Sequential of standard layers, rebuilt as an eager "
+                                        "module (same weights): every adapter runs on it")
+    return eager
+
+
 def _runnable_default(model: torch.nn.Module) -> str:
     """What ``"default"`` means for ``model`` (:func:`~streamtta.adapters.defaults.default_spec`), with a
     logged warning when a TorchScript model cannot run the BatchNorm default or the model has no BatchNorm."""
@@ -119,6 +133,7 @@ class Blueprint:
         from streamtta.detectors import DEFAULT_SCORER, build_scorer
 
         limit_helper_threads()
+        model = _eager_if_possible(model)
         self.cfg = cfg
         #: where the model and the adapters run (``engine.device``, resolved)
         self.device: torch.device = resolve_device(cfg.engine.device)

@@ -217,6 +217,9 @@ def test_contrast_small_batches_rank_against_recent_samples():
     assert len(s.unknown) == 0 and len(s.known) == 0 and len(s.queue) == 8
     fi, li, _ = id_data(8, 2)
     s.partial_fit(fi, li)  # 16 queued samples: the tails of the queue are admitted from now on
+    for seed in (3, 4):
+        fi, li, _ = id_data(8, seed)
+        s.partial_fit(fi, li)
     n0 = len(s.unknown)
     for b in range(4):
         fo, lo_ = ood_data(1, 30 + b)
@@ -265,3 +268,49 @@ def test_contrast_learns_from_the_scores_it_just_computed():
     t.mul_(2.0)  # modified in place after scoring: the cached scores are stale
     s.partial_fit(t, lb)
     assert calls == [64, 64, 64]
+
+
+def test_contrast_warm_up_keeps_one_scale_and_one_boundary():
+    """Until ``min_unknown`` samples are stored the unknown term is the calibrated prior: the scores are
+    the prior-less ones shifted by it, the boundary is 0 before and after the memory takes over, and a
+    stream scored through its warm-up ranks unknowns above known samples better than with a 0 term."""
+    from streamtta.detectors import ContrastScorer
+
+    f, lo, y = id_data(600, 0)
+    warm = ContrastScorer(k=5, k_unknown=3, min_unknown=24).fit(f, lo, y)
+    cold = ContrastScorer(k=5, k_unknown=3, min_unknown=3, warm_prior=False, known_accepted_only=False).fit(f, lo, y)
+    assert cold.prior == 0.0 and 0.5 < warm.prior < 1.0
+    assert abs(warm.threshold) < 1e-6 and warm.threshold == warm.calibrated_threshold
+    fi, li, _ = id_data(100, 1)
+    fo, lo_ = ood_data(100, 2)
+    x, lg = np.r_[fi, fo], torch.cat([li, lo_])
+    np.testing.assert_allclose(warm.score(x, lg), cold.score(x, lg) + warm.prior, atol=1e-6)
+    np.testing.assert_array_equal(warm.is_ood(warm.score(x, lg)), cold.is_ood(cold.score(x, lg)))
+
+    rng = np.random.default_rng(5)
+    scores: dict[str, list] = {"warm": [], "cold": []}
+    truth = []
+    for b in range(6):  # 48 ID + 16 unknown per batch, scored before each scorer learns from the batch
+        bi, bli, _ = id_data(48, 40 + b)
+        bo, blo = ood_data(16, 50 + b)
+        perm = rng.permutation(64)
+        xb, lb = np.r_[bi, bo][perm], torch.cat([bli, blo])[perm]
+        truth.append((perm >= 48).astype(int))
+        for name, s in (("warm", warm), ("cold", cold)):
+            sb = s.score(xb, lb)
+            scores[name].append(sb)
+            s.partial_fit(xb, lb, torch.from_numpy(~s.is_ood(sb)))
+        if b == 0:
+            assert 0 < len(warm.unknown) < warm.min_unknown and warm.threshold == warm.calibrated_threshold
+    assert len(warm.unknown) >= warm.min_unknown and warm.threshold == 0.0
+    t = np.concatenate(truth)
+    auc = {k: roc_auc_score(t, np.concatenate(v)) for k, v in scores.items()}
+    assert auc["warm"] > auc["cold"], auc
+
+    # the prior is part of the state: a restored copy scores the same
+    other = ContrastScorer(k=5, k_unknown=3, min_unknown=24).fit(f[:300], lo[:300], y[:300])
+    other.load_state_dict(warm.state_dict())
+    assert other.prior == warm.prior
+    np.testing.assert_allclose(other.score(x, lg), warm.score(x, lg))
+    with pytest.raises(ValueError, match="min_unknown"):
+        ContrastScorer(unknown_size=16)  # the default min_unknown (32) could never be reached

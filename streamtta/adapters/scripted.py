@@ -8,6 +8,10 @@ and buffers, and switching ``training`` per sub-module -- which a *scripted* Bat
 time, while a *traced* one keeps the eval mode it was traced in (methods marked ``@torch.jit.export``,
 such as ``forward_features``, are scripted even in a traced module).
 
+Pipelines and the engine rebuild a *scripted* ``nn.Sequential`` of standard layers as its eager twin first
+(:mod:`streamtta.models.unscript`), so what follows concerns other compiled models, and adapters built
+directly with :func:`~streamtta.adapters.build_adapter` on a TorchScript module.
+
 :class:`ScriptedModel` wraps a copy of the module for the adapter:
 
 * ``bn`` (BN-adapt) runs the BatchNorm layers in training mode, so each normalises with its test
