@@ -73,12 +73,26 @@ class Block(nn.Module):
         return x + self.lin(x)
 
 
+class Sequential(nn.Module):
+    """A user class named Sequential whose forward is not the chain of its children (a residual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.ReLU()
+        self.c = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)) + x)
+
+
 @pytest.mark.parametrize("make", [
+    lambda: torch.jit.script(Sequential()),
     lambda: torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)), torch.randn(2, 4)),
     lambda: torch.jit.script(nn.Sequential(Block(), nn.LayerNorm(4), nn.Linear(4, 3))),
     lambda: torch.jit.script(nn.Sequential(nn.LayerNorm(4), Linear())),
     lambda: torch.jit.script(Block()),
-], ids=["traced", "custom-layer", "impostor-named-Linear", "not-a-Sequential"])
+], ids=["impostor-named-Sequential", "traced", "custom-layer", "impostor-named-Linear", "not-a-Sequential"])
 def test_anything_else_stays_compiled(make):
     assert eager_sequential(make()) is None
 

@@ -4,7 +4,8 @@
 test-time normalisation (TorchScript: :mod:`~streamtta.adapters.scripted`); on every :meth:`~CompositeAdapter.step`:
 
 0. for pseudo-label-driven norms (``cb-stats``) only: a pre-pass with the stored statistics
-   (no update) whose predictions become the pseudo-labels of the layers;
+   (no update) whose predictions become the pseudo-labels of the layers (at batch size 1 the
+   adapted pass stands in for it; cheaper options: :mod:`streamtta.adapters.shared_passes`);
 1. runs one forward pass of the adapted model (these are the returned, pre-update logits;
    features are the input of the last ``nn.Linear`` unless ``feature_layer`` says otherwise);
 2. builds the keep-mask: samples with finite logits AND the caller's gate (OOD samples out) AND
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from streamtta.adapters.base import Adapter, Gate
-from streamtta.adapters.class_mix import RELABEL, balance_shrunk_mix, batch_class_mix, commit_labels
+from streamtta.adapters.class_mix import RELABEL, balance_shrunk_mix, commit_labels
 from streamtta.adapters.common import FeatureHook, last_linear_name, norm_affine_parameters
 from streamtta.adapters.context import StepContext
 from streamtta.adapters.filters.base import Filter
@@ -51,6 +52,7 @@ from streamtta.adapters.norms import (
 )
 from streamtta.adapters.objectives.base import Objective
 from streamtta.adapters.scripted import is_script, script_feature_layer, wrap_script
+from streamtta.adapters.shared_passes import SharedPassesMixin
 from streamtta.adapters.source_fit import SourceFitMixin, first_source_norm
 from streamtta.adapters.state import adapter_state, load_adapter_state
 from streamtta.types import StepOutput
@@ -61,7 +63,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 PREPASS = ("auto", "adapted", "source")
 
 
-class CompositeAdapter(SourceFitMixin, Adapter):
+class CompositeAdapter(SharedPassesMixin, SourceFitMixin, Adapter):
     """Online adapter assembled from a normalisation, an optional objective, filters and guards.
 
     Parameters
@@ -81,6 +83,8 @@ class CompositeAdapter(SourceFitMixin, Adapter):
     prepass: pseudo-label source of ``cb-stats``: ``"adapted"`` (current model), ``"source"``
         (the frozen source copy, i.e. source affine parameters), ``"auto"`` (``"source"`` when a
         filter needs the source forward anyway, so the pre-pass is free; else ``"adapted"``).
+    prepass_samples: ``cb-stats``: run the pre-pass on at most this many evenly spaced samples of
+        the batch (0 = all; needs ``relabel="final"``; see :mod:`streamtta.adapters.shared_passes`).
     relabel: labels ``cb-stats`` commits its statistics with: ``"final"`` (the main forward's
         predictions), ``"prepass"`` (the pre-pass labels the forward used), ``"agree"`` (the
         final predictions where they agree with the pre-pass, other samples ignored).
@@ -110,6 +114,7 @@ class CompositeAdapter(SourceFitMixin, Adapter):
         feature_hook: str = "input",
         seed: int | None = 0,
         prepass: str = "auto",
+        prepass_samples: int = 0,
         relabel: str = "final",
         label_confidence: float = 0.6,
         balanced_tv: float | None = 0.3,
@@ -141,6 +146,10 @@ class CompositeAdapter(SourceFitMixin, Adapter):
         if relabel not in RELABEL:
             raise ValueError(f"relabel must be one of {RELABEL}, got {relabel!r}")
         self.relabel = relabel
+        if int(prepass_samples) != prepass_samples or prepass_samples < 0 or (prepass_samples and relabel != "final"):
+            raise ValueError("prepass_samples must be an integer >= 0 (> 0 only with relabel='final'), "
+                             f"got {prepass_samples!r}")
+        self.prepass_samples = int(prepass_samples)
         if not 0.0 <= label_confidence < 1.0:
             raise ValueError(f"label_confidence must be in [0, 1), got {label_confidence}")
         self.label_confidence = float(label_confidence)
@@ -240,12 +249,14 @@ class CompositeAdapter(SourceFitMixin, Adapter):
         B = int(x.shape[0])
         pre_logits = self._class_mix_prepass(x) if self._label_layers else None
         logits, feats, fit = self._adapted_forward(x)
+        if self._label_layers and pre_logits is None:  # batch size 1: the adapted pass was the pre-pass
+            pre_logits = logits.detach()
         gate_mask = admission_mask(logits, feats, finite_in, gate)
         ctx = StepContext(
             x=x, logits=logits, features=feats.detach(), num_classes=self.num_classes,
             source_fn=(lambda: self._source_forward(x)) if self._needs_source else None,
         )
-        if pre_logits is not None and self.prepass == "source":
+        if pre_logits is not None and self.prepass == "source" and pre_logits.shape[0] == B:
             ctx._cache["source_logits"] = pre_logits
         mask = self._apply_filters(ctx, gate_mask.clone())
 
@@ -274,7 +285,8 @@ class CompositeAdapter(SourceFitMixin, Adapter):
         norm layer when a guard needs it (else empty). Clears the class mix the pre-pass set."""
         fit: list[torch.Tensor] = []
         fit_hook = None
-        if self._first_norm is not None and any(getattr(g, "needs_distance", False) for g in self.guards):
+        if self._first_norm is not None and any(getattr(g, "needs_distance", False) and not (
+                getattr(g, "probe", 0) and hasattr(self._first_norm, "last_stats")) for g in self.guards):
             # how well the statistics this pass normalises with fit each sample
             fit_hook = self._first_norm.register_forward_hook(
                 lambda mod, inp, out: fit.append(fit_distance(out.detach(), getattr(mod, "weight", None),
@@ -338,41 +350,6 @@ class CompositeAdapter(SourceFitMixin, Adapter):
             if g.after_step(self, ctx, mask, updated):
                 return g.name
         return None
-
-    def _output_logits(self, x: torch.Tensor, logits: torch.Tensor, fit: list[torch.Tensor],
-                       info: dict[str, Any]) -> torch.Tensor:
-        """The logits to return: the adapted model's, or the source model's where an output guard
-        (source-fallback) chooses them."""
-        for g in self.guards:
-            if getattr(g, "needs_source_model", False):
-                if getattr(g, "needs_distance", False):
-                    src_logits, dist = self._source_forward_with_distance(x)
-                    logits, used = g.choose(logits, src_logits, distance=dist, fit=fit[0] if fit else None)
-                    info[f"{g.name}_near"] = g.last_n_near
-                else:
-                    logits, used = g.choose(logits, self._exact_source_forward(x))
-                info[g.name] = used
-        return logits
-
-    def _class_mix_prepass(self, x: torch.Tensor) -> torch.Tensor:
-        """cb-stats: a pre-pass with the stored statistics (layers that detect a new domain use the
-        batch's own) gives pseudo-labels; their EM class mix is set on the layers for the main pass."""
-        for layer in self._label_layers:
-            layer.detect_shift = True
-            layer.shift_detected = None
-        try:
-            if self.prepass == "source":
-                pre_logits = self._source_forward(x)
-            else:
-                with torch.no_grad(), frozen_stats(self.model):
-                    pre_logits = self.model(x)
-                self._pop_features(pre_logits)
-        finally:
-            for layer in self._label_layers:
-                layer.detect_shift = False
-        mix = batch_class_mix(pre_logits, self.num_classes, self.balanced_tv, self.imbalanced_tv, x.device)
-        set_class_mix(self._label_layers, mix)
-        return pre_logits
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:

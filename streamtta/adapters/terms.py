@@ -23,7 +23,7 @@ ADAPTER_ARGS: dict[str, type] = {
 }
 #: Adapter-level arguments that the pseudo-label norm (cb-stats) accepts inline.
 LABEL_ARGS: dict[str, type] = {"prepass": str, "relabel": str, "label_confidence": float, "balanced_tv": float,
-                               "imbalanced_tv": float}
+                               "imbalanced_tv": float, "prepass_samples": int}
 #: Adapter-level override keys (not tied to a term).
 GLOBAL_OVERRIDES: dict[str, type] = {
     **ADAPTER_ARGS, **LABEL_ARGS, "feature_layer": str, "feature_hook": str, "seed": int,
@@ -82,7 +82,7 @@ TERMS: dict[str, TermInfo] = {
         TermInfo(
             "source-fallback", "guard",
             {"agreement": float, "mixed": bool, "near": float, "far": float, "far_fraction": float, "stale": float,
-             "quantile": float},
+             "quantile": float, "probe": int},
             {"fallback_agreement": "agreement", "fallback_mixed": "mixed"},
         ),
     ]

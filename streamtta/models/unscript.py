@@ -102,9 +102,49 @@ def _probe(layer: nn.Module, kind: str, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen).to(dtype)
 
 
+def _torch_layer(module: Any) -> bool:
+    """Whether a compiled module was scripted from one of torch's own ``nn`` classes (not a user class
+    that only shares its name, such as a ``class Sequential`` of one's own with another forward)."""
+    try:
+        name = module._c._type().qualified_name()
+    except (AttributeError, RuntimeError):
+        return False
+    return str(name).startswith("__torch__.torch.nn.modules.")
+
+
+def _chains_children(module: Any) -> bool:
+    """Whether a compiled container's forward is the plain chain: each child's forward once, in order,
+    on the previous output, returning the last one (nothing else in its graph)."""
+    try:
+        graph = module.graph
+    except (AttributeError, RuntimeError):
+        return False
+    args = [v.debugName() for v in graph.inputs()]
+    if len(args) != 2:
+        return False
+    attrs: dict[str, str] = {}
+    called, current = [], args[1]
+    for node in graph.nodes():
+        ins = [v.debugName() for v in node.inputs()]
+        if node.kind() == "prim::GetAttr" and ins == args[:1]:
+            attrs[node.output().debugName()] = node.s("name")
+        elif (node.kind() == "prim::CallMethod" and node.s("name") == "forward" and len(ins) == 2
+              and ins[0] in attrs and ins[1] == current):
+            called.append(attrs[ins[0]])
+            current = node.output().debugName()
+        else:
+            return False
+    outs = [v.debugName() for v in graph.outputs()]
+    return outs == [current] and called == [name for name, _ in module.named_children()]
+
+
 def _rebuild(module: Any, gen: torch.Generator) -> nn.Module | None:
     kind = getattr(module, "original_name", None)
+    if not _torch_layer(module):
+        return None
     if kind == "Sequential":
+        if not _chains_children(module):
+            return None
         children = []
         for name, child in module.named_children():
             eager = _rebuild(child, gen)
@@ -141,7 +181,8 @@ def _rebuild(module: Any, gen: torch.Generator) -> nn.Module | None:
 
 def eager_sequential(model: nn.Module) -> nn.Module | None:
     """The eager twin of a scripted ``nn.Sequential`` of :data:`REBUILDERS` layers (nested Sequentials
-    too), each checked against its compiled layer; None for anything else (see the module docstring)."""
+    too), each checked against its compiled layer; None for anything else (a user class named like a
+    torch layer included) (see the module docstring)."""
     if not isinstance(model, torch.jit.ScriptModule) or getattr(model, "original_name", None) != "Sequential":
         return None
     gen = torch.Generator().manual_seed(0)

@@ -22,7 +22,11 @@ source domain: there the source statistics are simply the best ones. Two rules, 
   (:meth:`calibrate`; the engine calls it through ``CompositeAdapter.fit_source``); without
   it these rules are off.
 
-Costs one extra forward pass without gradients.
+Costs one extra forward pass without gradients; with ``probe=k`` the adapter runs the source model on
+``k`` probe samples, on the rest of the batch only when the probe says the batch rule may fire
+(:meth:`SourceFallback.may_fire`), and otherwise only on the samples the per-sample rules pick
+(see :mod:`streamtta.adapters.shared_passes`; only when the first norm layer is ``cb-stats``, else
+the whole batch runs).
 
 >>> import torch
 >>> g = SourceFallback(agreement=0.75)
@@ -63,8 +67,44 @@ def normalized_distance(z: torch.Tensor, channels: torch.Tensor | None = None, e
     if z.dim() == 2:
         return 0.5 * (z * z).mean(dim=1)
     m, v = instance_stats(z)
+    return kl_to_standard(m, v, eps)
+
+
+def kl_to_standard(m: torch.Tensor, v: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over channels of ``KL(N(m, v + eps) || N(0, 1))`` for per-sample, per-channel ``(B, C)`` ``m, v``."""
     v = v + eps
     return (0.5 * (v + m * m - 1.0 - torch.log(v))).mean(dim=1)
+
+
+def stats_distances(mean_i: torch.Tensor, var_i: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor],
+                    used: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor | None,
+                    eps: float = 1e-5, spatial: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`source_distance` and :func:`fit_distance` of a norm layer's input from its instance
+    statistics ``(mean_i, var_i)`` (``(B, C)``, over spatial dims) alone, without touching the
+    activations: ``source`` = the layer's source ``(mean, var)``, ``used`` = the ``(C,)`` statistics it
+    normalised the batch with, ``weight`` its affine weight (channels with ``|weight| <= 1e-6`` left out
+    of the fit, as :func:`fit_distance` does). ``eps`` is the layer's; ``spatial=False``: ``(B, C)``
+    inputs (``mean_i`` the input itself), whose distance is half the mean square.
+
+    >>> x = torch.randn(4, 3, 5, 5) * 2 + 1
+    >>> mean, var = torch.zeros(3), torch.ones(3)
+    >>> d, f = stats_distances(*instance_stats(x), (mean, var), (mean, var), None)
+    >>> bool(torch.allclose(d, source_distance(x, mean, var), atol=1e-4)), bool(torch.allclose(d, f))
+    (True, True)
+    """
+    sm, sv = source
+    sd = (sv.clamp_min(0) + eps).sqrt()
+    um, uv = used
+    ud = (uv.clamp_min(0) + eps).sqrt()
+    sz, fz = (mean_i - sm) / sd, (mean_i - um) / ud
+    keep = None if weight is None else weight.detach().abs() > 1e-6  # fit_distance cannot recover z there
+    if not spatial:
+        fz = fz if keep is None else fz[:, keep]
+        return 0.5 * (sz * sz).mean(dim=1), 0.5 * (fz * fz).mean(dim=1)
+    fv = var_i / ud.pow(2)
+    if keep is not None:
+        fz, fv = fz[:, keep], fv[:, keep]
+    return kl_to_standard(sz, var_i / sd.pow(2)), kl_to_standard(fz, fv)
 
 
 def source_distance(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -96,7 +136,7 @@ class SourceFallback(Guard):
     needs_source_model = True
 
     def __init__(self, agreement: float = 0.95, mixed: bool = True, near: float = 1.0, far: float = 5.0,
-                 far_fraction: float = 0.1, stale: float = 3.0, quantile: float = 0.99) -> None:
+                 far_fraction: float = 0.1, stale: float = 3.0, quantile: float = 0.99, probe: int = 0) -> None:
         if not 0.0 < agreement <= 1.0:
             raise ValueError(f"source-fallback agreement must be in (0, 1], got {agreement}")
         if not 0.0 < near <= far or stale <= 0:
@@ -110,6 +150,11 @@ class SourceFallback(Guard):
         self.far_fraction = float(far_fraction)
         self.stale = float(stale)
         self.quantile = float(quantile)
+        if int(probe) != probe or probe < 0:
+            raise ValueError(f"source-fallback probe must be an integer >= 0, got {probe!r}")
+        #: 0: the source model runs on the whole batch; k > 0: the adapter runs it on k probe samples
+        #: first and on the rest only when the batch rule may fire (see :meth:`may_fire`)
+        self.probe = int(probe)
         #: reference distance of clean source samples (``quantile`` of them); None = rule off
         self.reference: float | None = None
         self.last_n_near = 0
@@ -137,18 +182,37 @@ class SourceFallback(Guard):
         agree = (adapted.argmax(dim=1) == source.argmax(dim=1)).float().mean()
         if float(agree) >= self.agreement:
             return source, True
-        if distance is not None and self.needs_distance:
-            ref = max(float(self.reference), 1e-12)
-            near = distance <= self.near * ref
-            use = torch.zeros_like(near)
-            if float((distance > self.far * ref).float().mean()) >= self.far_fraction:
-                use |= near  # mixed batch
-            if fit is not None:
-                use |= near & (fit.to(near.device) > self.stale * ref)  # statistics that do not fit
-            if bool(use.any()):
-                self.last_n_near = int(use.sum())
-                return torch.where(use.unsqueeze(1).to(adapted.device), source, adapted), False
+        use = self.sample_rule(distance, fit)
+        if use is not None and bool(use.any()):
+            self.last_n_near = int(use.sum())
+            return torch.where(use.unsqueeze(1).to(adapted.device), source, adapted), False
         return adapted, False
+
+    def sample_rule(self, distance: torch.Tensor | None, fit: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The samples the per-sample rules give the source logits (bool ``(B,)``; None when they are off).
+        Needs no source logits: the adapter can run the source model on these samples only."""
+        if distance is None or not self.needs_distance:
+            return None
+        ref = max(float(self.reference), 1e-12)
+        near = distance <= self.near * ref
+        use = torch.zeros_like(near)
+        if float((distance > self.far * ref).float().mean()) >= self.far_fraction:
+            use |= near  # mixed batch
+        if fit is not None:
+            use |= near & (fit.to(near.device) > self.stale * ref)  # statistics that do not fit
+        return use
+
+    def may_fire(self, agree: float, n: int) -> bool:
+        """Whether the batch rule may fire given the agreement ``agree`` on ``n`` probe samples: the
+        probe agreement is at least :attr:`agreement` minus three binomial standard deviations
+        (at ``agreement``, so a batch at the threshold is almost never missed).
+
+        >>> g = SourceFallback(agreement=0.95, probe=16)
+        >>> g.may_fire(13 / 16, 16), g.may_fire(12 / 16, 16)
+        (True, False)
+        """
+        sd = (self.agreement * (1.0 - self.agreement) / max(n, 1)) ** 0.5
+        return agree >= self.agreement - 3.0 * sd - 1e-9
 
     def after_step(self, adapter, ctx: StepContext, mask: torch.Tensor, updated: bool) -> bool:
         return False

@@ -157,6 +157,10 @@ class ClassBalancedNorm(AdaptiveNorm):
         self.detect_shift = False
         #: result of the last shift test (None if not tested).
         self.shift_detected: bool | None = None
+        #: ``(mean_i, var_i, mean, var, spatial)`` of the last forward with a class mix: the input's
+        #: instance statistics, the statistics it was normalised with (detached; the adapter's
+        #: distances) and whether the input had spatial dims.
+        self.last_stats: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def from_bn(cls, bn: nn.modules.batchnorm._NormBase, **kwargs) -> "ClassBalancedNorm":
@@ -294,6 +298,7 @@ class ClassBalancedNorm(AdaptiveNorm):
         mean_i, var_i = instance_stats(x)
         m, v = self.balanced_stats(mean_i, var_i, self.class_mix)
         self._record((mean_i.detach(), var_i.detach()))
+        self.last_stats = (mean_i.detach(), var_i.detach(), m.detach(), v.detach(), x.dim() > 2)
         return affine_normalize(x, m, v, self.weight, self.bias, self.eps)
 
     @torch.no_grad()
