@@ -80,7 +80,6 @@ class SharedPassesMixin:
         try:
             if self.prepass == "source":
                 pre_logits = self._source_forward(x)
-
             else:
                 with torch.no_grad(), frozen_stats(self.model):
                     pre_logits = self.model(x)

@@ -25,6 +25,7 @@ True
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -151,8 +152,6 @@ def _rebuild(module: Any, gen: torch.Generator) -> nn.Module | None:
             if eager is None:
                 return None
             children.append((name, eager))
-        from collections import OrderedDict
-
         return nn.Sequential(OrderedDict(children))
     build = REBUILDERS.get(str(kind))
     if build is None:

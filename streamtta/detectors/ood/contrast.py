@@ -222,13 +222,15 @@ class ContrastScorer(ThresholdedScorer):
         self._last = None
 
     # -- scoring -------------------------------------------------------------------------
-    def _score_z(self, z: np.ndarray) -> np.ndarray:
+    def _known_similarity(self, z: np.ndarray) -> np.ndarray:
+        """``max(cos_k(z, source), cos_k(z, known))`` per row."""
         known = self.source.search(z, self.k)[0][:, self.k - 1].astype(np.float64)
         online = self.known.kth(z, self.k)
-        if online is not None:
-            known = np.maximum(known, online)
+        return known if online is None else np.maximum(known, online)
+
+    def _score_z(self, z: np.ndarray) -> np.ndarray:
         unk = self.unknown.kth(z, self.k_unknown) if self._unknown_ready() else None
-        return (self.prior if unk is None else unk) - known
+        return (self.prior if unk is None else unk) - self._known_similarity(z)
 
     def _unknown_ready(self) -> bool:
         return self.unknown is not None and len(self.unknown) >= self.min_unknown
@@ -239,8 +241,7 @@ class ContrastScorer(ThresholdedScorer):
         self._check_fitted()
         z = l2_normalize(to_numpy(features))
         if self.warm_prior and len(z) and not self._unknown_ready():
-            self.prior = 0.0
-            self.prior = float(np.quantile(-self._score_z(z), 1.0 - self.tpr))
+            self.prior = float(np.quantile(self._known_similarity(z), 1.0 - self.tpr))
         return super().calibrate(features, logits)
 
     @staticmethod
