@@ -79,7 +79,8 @@ def _scenario_model(cfg: Config, scenario: Any, models: dict[str, Any]) -> tuple
 
 
 def _bench_seed(scenario: Any, path: Path, seed: int, runs: list[Run], model: Any, meta: Any, *,
-                limit: int | None, progress: bool, console: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                limit: int | None, progress: bool, console: Any, streams: int | None = None
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every run on the stream of one scenario and seed: result entries and accuracy windows per run name.
 
     The stream's records are rendered once and replayed to every run. With a ``source`` run, every result
@@ -91,6 +92,10 @@ def _bench_seed(scenario: Any, path: Path, seed: int, runs: list[Run], model: An
     from streamtta.simulations.scenario import build_stream
 
     stream = build_stream(scenario, seed)
+    if streams is not None:  # the scenario as a fleet of stream ids (streamtta.simulations.fleet)
+        from streamtta.simulations.fleet import FleetStream
+
+        stream = FleetStream(stream, streams, seed)
     records = list(itertools.islice(runner.encoded_records(stream), limit))  # render once, replay to all
     results: list[dict[str, Any]] = []
     windows: dict[str, Any] = {}
@@ -124,13 +129,14 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
               json_out: Path | None = None, plot_out: Path | None = None, markdown_out: Path | None = None,
               progress: bool = True, limit: int | None = None, variants: list[Variant] | None = None,
               table_metrics: tuple[str, ...] | None = None, cost: bool = False, cost_samples: int = 2048,
-              plot_shifts_out: Path | None = None) -> int:
+              plot_shifts_out: Path | None = None, streams: int | None = None) -> int:
     """Run ``methods`` (adapter specs) x ``variants`` on every scenario and seed; print, write, plot.
 
     Every variant config is validated before anything runs, so a typo fails in a second, not after an
     hour of benchmarking. ``cost=True`` measures compute cost instead (:mod:`streamtta.costs`) on the
     first ``cost_samples`` samples of each scenario's stream (first seed). ``plot_shifts_out`` draws
     the mean accuracy around the scenarios' change points per method (:func:`~streamtta.reports.plot_shift_recovery`).
+    ``streams`` runs every scenario as a fleet of that many stream ids (:mod:`streamtta.simulations.fleet`).
     """
     from rich.console import Console
 
@@ -164,7 +170,7 @@ def run_bench(cfg: Config, scenarios: list[str], methods: list[str], seeds: list
         runs = [(f"{m} ({label})" if label else m, m, vcfg) for label, vcfg in scen_cfgs for m in methods]
         for seed in seeds:
             seed_results, seed_windows = _bench_seed(scenario, path, seed, runs, model, meta, limit=limit,
-                                                     progress=progress, console=console)
+                                                     progress=progress, console=console, streams=streams)
             results += seed_results
             for name, w in seed_windows.items():
                 windows.setdefault((scenario.name, name), []).append(w)
@@ -234,7 +240,8 @@ def _finish_cost(rows: list[dict[str, Any]], console: Any, json_out: Path | None
 
 
 def run_throughput(cfg: Config, scenarios: list[str], *, batch_sizes: list[int], samples: int, workers: list[int],
-                   json_out: Path | None = None, markdown_out: Path | None = None) -> int:
+                   json_out: Path | None = None, markdown_out: Path | None = None,
+                   stream_counts: list[int] | None = None) -> int:
     """``bench --throughput`` (:mod:`streamtta.throughput`) on each scenario: print, write JSON / markdown."""
     import datetime as dt
     import json
@@ -254,7 +261,8 @@ def run_throughput(cfg: Config, scenarios: list[str], *, batch_sizes: list[int],
         scfg = cfg.model_copy(deep=True)
         runner.use_scenario_model(scfg, scenario)
         doc = measure_throughput(scfg, scenario, batch_sizes=batch_sizes, samples=samples, workers=workers,
-                                 seed=scfg.engine.seed, say=lambda m: console.print(f"[dim]{m}[/]"))
+                                 seed=scfg.engine.seed, stream_counts=stream_counts or (),
+                                 say=lambda m: console.print(f"[dim]{m}[/]"))
         print_throughput(doc, console)
         docs.append(doc)
     if json_out is not None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from streamtta.alerts import Alert, OffsetRange
 from streamtta.checkpoints import CheckpointStore
-from streamtta.config import Config
+from streamtta.config import Config, ConfigError
 from streamtta.faults import point
 from streamtta.ops.observer import EngineObserver, timed
 from streamtta.pipeline import Pipeline
@@ -61,11 +61,21 @@ class Engine:
         self.cfg, self.source, self.outputs = cfg, source, outputs
         self.template, self.store, self.runlog, self.on_batch = pipeline, store, runlog, on_batch
         self.observe = observer or EngineObserver()
+        #: grouped.enabled: one GroupedPipeline per partition serves all its stream ids (streamtta.grouped)
+        self.grouped = cfg.grouped.enabled
+        if self.grouped and cfg.engine.state_key != "stream_id":
+            raise ConfigError("grouped.enabled needs engine.state_key='stream_id' (it keeps per-stream-id "
+                              "statistics; with state_key='partition' every partition is one stream already)")
+        if self.grouped:
+            from streamtta.grouped import GroupedPipeline
+
+            pipeline = GroupedPipeline.from_pipeline(pipeline)  # type: ignore[assignment]
         self.states = StateTable(pipeline, store, max_states=cfg.engine.max_states, alert=self._emit_alert,
                                  end_offset=getattr(source, "end_offset", None))
         self.stop_event = threading.Event()
         self.records_seen = self.samples_processed = self.dead_letters = self.skipped = self.batches = 0
         self.step_time_s, self._batches_since_ckpt = 0.0, 0
+        self._hinted = False  # the grouped-mode hint is logged once
         self._last_ckpt = time.monotonic()
         #: ``time.perf_counter()`` when the first record arrived (after group join / assignment)
         self.first_record_at: float | None = None
@@ -210,7 +220,8 @@ class Engine:
                 log.exception("decoding %s[%d]@%d failed", rec.topic, rec.partition, rec.offset)
                 bad.append((rec, f"undecodable record ({type(e).__name__}: {e})"))
                 continue
-            key = f"{rec.topic}:{rec.partition}" if self.cfg.engine.state_key == "partition" else sample.stream_id
+            by_partition = self.grouped or self.cfg.engine.state_key == "partition"
+            key = f"{rec.topic}:{rec.partition}" if by_partition else sample.stream_id
             groups[key].append((rec, sample))
         for rec, err in bad:
             point("dlq")
@@ -218,6 +229,11 @@ class Engine:
         if bad:
             self.dead_letters += len(bad)
             self._emit_alert(dead_letter_alert(bad))
+        if len(groups) > 16 and not self.grouped and not self._hinted:
+            self._hinted = True
+            log.warning("one batch held %d stream ids, each stepping its own pipeline on its few samples; "
+                        "grouped.enabled=true serves them all in one forward per batch (README: Many streams)",
+                        len(groups))
         for key, items in groups.items():
             st = self.states.get(key, items[0][0])
             held = self.states.admit(st, items)
@@ -243,7 +259,8 @@ class Engine:
     def _process_stream(self, st: StreamState, items: list[tuple[RawRecord, Sample]], t0: float) -> None:
         x = np.stack([s.x for _, s in items]).astype(np.float32, copy=False)
         first, last = items[0][0], items[-1][0]
-        res = st.pipe.process(x, stream_id=items[-1][1].stream_id, tag=items,
+        more = {"stream_ids": [s.stream_id for _, s in items]} if self.grouped else {}
+        res = st.pipe.process(x, stream_id=items[-1][1].stream_id, tag=items, **more,
                               offsets=OffsetRange(topic=last.topic, partition=last.partition, first=first.offset,
                                                   last=last.offset), received_at=t0)
         self.observe.step(st.key, res, st.pipe)

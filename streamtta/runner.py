@@ -242,7 +242,7 @@ def simulate(cfg: Config, scenario_path: str | Path, *, seed: int | None = None,
     sim_cfg = cfg.model_copy(deep=True)
     sim_cfg.kafka.stop_at_end = True
     sim_cfg.kafka.poll_timeout_s = 0.001
-    if getattr(scenario, "reset_each_domain", False):
+    if getattr(scenario, "reset_each_domain", False) and not getattr(stream, "interleaved", False):
         segments = [list(g) for _, g in itertools.groupby(records, key=_record_domain)]
     else:
         segments = [records]

@@ -61,7 +61,7 @@ def _records(n: int, stream_ids: int, topic: str = "soak") -> Iterator[RawRecord
 
 def soak(*, records: int = 1_000_000, stream_ids: int = 1, max_states: int | None = None, batch_size: int = 64,
          every: int = 50_000, warmup: float = 0.2, spec: str | None = None, checkpoint_every: int = 10,
-         progress: bool = True) -> dict[str, Any]:
+         progress: bool = True, grouped: bool = False) -> dict[str, Any]:
     """Run the engine over ``records`` generated records of ``stream_ids`` ids (``state_key=stream_id``
     when more than one) and sample RSS; returns the figures (see the module docstring)."""
     import torch
@@ -80,7 +80,8 @@ def soak(*, records: int = 1_000_000, stream_ids: int = 1, max_states: int | Non
                                   "state_key": "stream_id" if stream_ids > 1 else "partition"}
     if max_states is not None:
         engine_cfg["max_states"] = max_states
-    overrides: dict[str, Any] = {"engine": engine_cfg, "kafka": {"stop_at_end": True, "poll_timeout_s": 0.001}}
+    overrides: dict[str, Any] = {"engine": engine_cfg, "kafka": {"stop_at_end": True, "poll_timeout_s": 0.001},
+                                 "grouped": {"enabled": grouped and stream_ids > 1}}
     if spec is not None:
         overrides["adapter"] = {"spec": spec}
     with tempfile.TemporaryDirectory(prefix="streamtta-soak-") as tmp:
@@ -131,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-ids", type=int, default=1)
     p.add_argument("--max-states", type=int, default=None)
     p.add_argument("--every", type=int, default=50_000, help="records between two RSS samples")
+    p.add_argument("--grouped", action="store_true", help="grouped.enabled: one forward per batch for all ids")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     r = soak(records=a.records, stream_ids=a.stream_ids, max_states=a.max_states, every=a.every,
-             progress=not a.no_progress)
+             progress=not a.no_progress, grouped=a.grouped)
     text = json.dumps(r, indent=2)
     print(text)
     if a.json:

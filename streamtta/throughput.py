@@ -16,7 +16,9 @@ Per row: samples/s, the ratio to the bare forward and to the bare step of the sa
 p50/p99 (the call for in-memory rows; arrival to prediction written for the engine), the process's peak
 RSS so far, torch's intra-op threads. Then ``workers``: the engine in 1 and in 2 processes of one consumer
 group on a 4-partition topic (each process one torch thread), aggregate samples/s from the first record
-any of them consumed to the end of the last.
+any of them consumed to the end of the last. Then ``streams`` (``stream_counts``): the engine at batch 64 on
+the records spread over 1,000 (say) stream ids, one pipeline per id vs one grouped pipeline for all
+(:mod:`streamtta.throughput_streams`), against the single-stream engine.
 
 The in-memory rows run on ``engine.device`` (on CUDA a batch's time ends when the GPU has finished it) and
 skip one warm-up batch. Timings on a shared machine are noisy: repeat the command and
@@ -185,11 +187,12 @@ def worker_rows(cfg: Config, bootstrap: str, values: Sequence[bytes], tmp: Path,
 
 def measure_throughput(cfg: Config, scenario: Any, *, batch_sizes: Sequence[int] = (1, 16, 64, 256),
                        samples: int = 2048, workers: Sequence[int] = (1, 2), seed: int = 0,
-                       say: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Every row described in the module docstring: ``{"rows": [...], "workers": [...]}``."""
+                       stream_counts: Sequence[int] = (), say: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Every row described in the module docstring: ``{"rows": [...], "workers": [...], "streams": [...]}``."""
     from streamtta import runner
     from streamtta.simulations.scenario import build_stream
     from streamtta.stream.broker import EmbeddedBroker
+    from streamtta.throughput_streams import stream_rows
 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
@@ -212,8 +215,10 @@ def measure_throughput(cfg: Config, scenario: Any, *, batch_sizes: Sequence[int]
             say(f"batch {bs}: forward {fwd['samples_per_s']}, step {step['samples_per_s']}, pipeline "
                 f"{pipeline['samples_per_s']}, engine {eng['samples_per_s']} samples/s")
         wrows = worker_rows(cfg, broker.bootstrap_servers, values, Path(d), workers) if workers else []
+        srows = stream_rows(cfg, pipe, stream, broker.bootstrap_servers, Path(d), counts=stream_counts,
+                            samples=samples, seed=seed, say=say)
     return {"scenario": getattr(scenario, "name", str(scenario)), "adapter": pipe.blueprint.spec,
-            "rows": rows, "workers": wrows}
+            "rows": rows, "workers": wrows, "streams": srows}
 
 
 def print_throughput(doc: dict[str, Any], console: Any = None) -> None:
@@ -235,6 +240,9 @@ def print_throughput(doc: dict[str, Any], console: Any = None) -> None:
             w.add_row(str(r["workers"]), str(r["partitions"]), str(r["batch_size"]), str(r["samples"]),
                       _f(r["samples_per_s"]), _x(r["speedup"]), ",".join(map(str, r["per_worker_samples"])))
         con.print(w)
+    from streamtta.throughput_streams import print_streams
+
+    print_streams(doc.get("streams") or [], con)
 
 
 def _f(v: Any, fmt: str = "{:.1f}") -> str:
@@ -251,7 +259,10 @@ def _cells(r: dict[str, Any]) -> list[str]:
 
 
 def throughput_markdown(doc_or_rows: Any) -> str:
-    """The throughput table (and the workers table, when given a whole document) as GitHub markdown."""
+    """The throughput table (and the workers and many-streams tables, when given a whole document) as
+    GitHub markdown."""
+    from streamtta.throughput_streams import streams_markdown
+
     rows = doc_or_rows["rows"] if isinstance(doc_or_rows, dict) else doc_or_rows
     lines = ["| batch | path | samples/s | vs forward | vs step | p50 ms | p99 ms | peak RSS MB | threads |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -260,4 +271,6 @@ def throughput_markdown(doc_or_rows: Any) -> str:
         lines += ["", "| workers | partitions | batch | samples | samples/s | speedup |", "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['workers']} | {r['partitions']} | {r['batch_size']} | {r['samples']} | "
                   f"{_f(r['samples_per_s'])} | {_x(r['speedup'])} |" for r in doc_or_rows["workers"]]
+    if isinstance(doc_or_rows, dict) and doc_or_rows.get("streams"):
+        lines += ["", streams_markdown(doc_or_rows["streams"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -125,10 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--throughput-samples", type=int, default=2048,
                    help="samples per batch size for --throughput (batch b uses at most 64*b)")
     b.add_argument("--workers", default="1,2", help="engine processes to compare for --throughput ('' = none)")
+    b.add_argument("--stream-counts", default="1,1000",
+                   help="stream ids for the --throughput many-streams table: the engine per id vs grouped vs one "
+                        "stream, batch 64 ('' = no table)")
     b.add_argument("--soak", type=int, metavar="N",
                    help="memory soak instead: N generated sensor records through the engine (checkpoints, "
                         "spooled run log), resident memory sampled; prints JSON (also to --json)")
     b.add_argument("--stream-ids", type=int, default=1, help="stream ids of the --soak records (state per id)")
+    b.add_argument("--grouped", action="store_true", help="--soak with grouped.enabled (one forward per batch "
+                   "for all stream ids)")
+    b.add_argument("--streams", type=int, metavar="N", help="run each scenario as a fleet of N interleaved stream "
+                   "ids, each id in one domain (streamtta.simulations.fleet); with --set engine.state_key=stream_id "
+                   "each id adapts on its own")
     b.add_argument("--metrics", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                    help="table columns (metric names of metrics.summarize), e.g. acc,auroc,fpr95")
     add_config_flags(b, BENCH_FLAGS)

@@ -46,7 +46,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         extra = ["--json", str(args.json)] if args.json else []
         return soak_main(["--records", str(args.soak), "--stream-ids", str(args.stream_ids),
                           "--every", str(max(args.soak // 20, 1)), "--max-states", str(cfg.engine.max_states),
-                          *extra, *([] if cfg.run.progress else ["--no-progress"])])
+                          *extra, *(["--grouped"] if args.grouped else []),
+                          *([] if cfg.run.progress else ["--no-progress"])])
     if not args.scenarios:
         raise ConfigError("bench needs at least one scenario (or --soak N)")
     if args.throughput:
@@ -54,7 +55,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return run_throughput(cfg, args.scenarios, batch_sizes=_ints(args.batch_sizes),
                               samples=args.throughput_samples, workers=_ints(args.workers),
-                              json_out=args.json, markdown_out=args.markdown)
+                              json_out=args.json, markdown_out=args.markdown,
+                              stream_counts=_ints(args.stream_counts))
     from streamtta.adapters.grammar import parse_spec, split_specs
 
     methods = split_specs(args.methods)  # commas inside a term's (...) stay
@@ -67,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(cfg, args.scenarios, methods, seeds, json_out=args.json, plot_out=args.plot,
                      markdown_out=args.markdown, progress=cfg.run.progress, limit=args.limit,
                      variants=variants or None, table_metrics=args.metrics, cost=args.cost,
-                     cost_samples=args.cost_samples, plot_shifts_out=args.plot_shifts)
+                     cost_samples=args.cost_samples, plot_shifts_out=args.plot_shifts, streams=args.streams)
 
 
 def _ints(text: str) -> list[int]:

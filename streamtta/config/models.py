@@ -180,6 +180,39 @@ class EngineConfig(Section):
                                     "error when the pipeline is built. Results and checkpoints stay on the CPU.")
 
 
+class GroupedConfig(Section):
+    """Many stream ids per state (``engine.state_key = "stream_id"``): :mod:`streamtta.grouped`."""
+
+    enabled: bool = Field(False, description="With engine.state_key='stream_id': one state per partition serves all "
+                          "its stream ids with one forward per batch, each id with its own BatchNorm statistics and "
+                          "shift detector (for thousands of ids; adapter.spec is not used). Off: one full pipeline "
+                          "per id.")
+    max_streams: int = Field(10000, ge=1, description="Stream ids kept per partition; the least recently seen one "
+                             "beyond this starts again from the source statistics.")
+    alpha: float = Field(0.01, gt=0, le=1, description="Per-sample momentum of a stream's statistics (a memory of "
+                         "about 1/alpha samples).")
+    prior: float = Field(4.0, ge=0, description="Weight, in samples, of the source statistics in a new stream's.")
+    layers: int | None = Field(4, ge=1, description="How many BatchNorm layers (in module order) keep per-stream "
+                               "statistics; the later ones keep the source statistics (robust to streams whose "
+                               "labels come in runs). Unset: all.")
+    source_weight: float = Field(0.0, ge=0, lt=1, description="Share of the source statistics mixed into a stream's "
+                                 "when normalising (alpha-BN style); 0: the stream's own.")
+    detector: dict[str, Any] | None = Field(
+        default_factory=lambda: {"delta": 0.05, "threshold": 10.0, "min_instances": 30},
+        description="Options of the two per-stream Page-Hinkley detectors (river's semantics: min_instances, delta, "
+                    "threshold, alpha), on each sample's distance from its stream's statistics and on its OOD flag; "
+                    "null: no per-stream shift detection. monitor.enabled=false disables them too.")
+    cooldown_samples: int = Field(200, ge=0, description="Samples of a stream between two of its shift alerts.")
+
+    @field_validator("detector")
+    @classmethod
+    def _known_detector_options(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        unknown = sorted(set(v or {}) - {"min_instances", "delta", "threshold", "alpha"})
+        if unknown:
+            raise ValueError(f"unknown Page-Hinkley option(s) {unknown}; known: alpha, delta, min_instances, threshold")
+        return v
+
+
 class RunConfig(Section):
     scenario: str = Field("quickstart", description="Scenario name (simulations/<name>.toml) or TOML path.")
     output_dir: Path = Field(Path("runs"), description="Each run writes runs/<timestamp>/.")
@@ -216,6 +249,7 @@ class Config(BaseSettings):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    grouped: GroupedConfig = Field(default_factory=GroupedConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
