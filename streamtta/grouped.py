@@ -20,7 +20,9 @@ many stream ids (sensors, machines, cameras) goes through the model once:
   them as fast as a new stream's. A rise of the second raises a ``semantic_shift`` alert. At most one alert
   of a kind per ``grouped.cooldown_samples`` samples of a stream;
 * at most ``grouped.max_streams`` ids are kept per partition; the least recently seen one beyond that gives
-  its row to the newcomer and starts again from the source statistics if it comes back.
+  its row to the newcomer and starts again from the source statistics if it comes back (a batch holding
+  more ids than that goes through in consecutive parts of at most ``max_streams`` ids each, so no two ids
+  of one forward share a row).
 
 What the per-id pipelines have and this mode has not: gradient adapters (``adapter.spec`` is not used),
 batch-level shift monitors, held predictions and re-processing of a batch (every result is final at once).
@@ -191,30 +193,18 @@ class GroupedPipeline:
             x = x.unsqueeze(0)
         if len(stream_ids) != len(x):
             raise ValueError(f"{len(x)} samples but {len(stream_ids)} stream ids")
-        rows = self._rows(stream_ids)
         xs, finite = sanitize_batch(x)
-        logits, feats = self.stats.forward(to_device(xs, self.blueprint.device), torch.from_numpy(rows))
-        logits, feats = logits.cpu(), feats.cpu()
-        surprise = self.stats.surprise.cpu().numpy().astype(np.float64)
-        scores, flags, keep = self._score(feats, logits)
-        if finite is not None:
-            keep &= finite.numpy()
-        self.stats.commit(torch.from_numpy(keep))
-        if self.blueprint.calibrated:
-            kt = torch.from_numpy(keep)
-            self.scorer.partial_fit(feats, logits, kt)
-            if self.gate_scorer is not None:
-                self.gate_scorer.partial_fit(feats, logits, kt)
+        ok = np.ones(len(x), bool) if finite is None else finite.numpy()
+        parts = [self._span(xs[a:b], ok[a:b], list(stream_ids[a:b]), a, tag, offsets)
+                 for a, b in self._spans(stream_ids)]
+        logits, feats = torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
+        scores, flags, keep = (np.concatenate([q[k] for q in parts]) for k in (2, 3, 4))
         out = StepOutput(logits=logits, features=feats, update_mask=torch.zeros(len(x), dtype=torch.bool),
-                         info={"streams": int(len(np.unique(rows)))})
+                         info={"streams": len({str(s) for s in stream_ids})})
         cur = BatchResult(batch_index=self.batch_index, x=x, out=out, ood_scores=scores, ood_flags=flags, keep=keep,
                           classes=np.asarray(self.classes), tag=tag,
                           received_at=t0 if received_at is None else received_at)
-        np.add.at(self._count, rows, 1)
-        if finite is not None:
-            surprise[~finite.numpy()] = np.nan  # detectors skip them
-        cur.alerts = self._watch(rows, {"input": surprise, "ood": np.asarray(cur.ood_flags, dtype=np.float64)},
-                                 stream_ids, tag, offsets)
+        cur.alerts = [a for q in parts for a in q[5]]
         if cur.alerts:
             cur.shift = cur.alerts[0].kind.value
         self.batch_index += 1
@@ -224,8 +214,45 @@ class GroupedPipeline:
         self._ready.append(cur)
         return cur
 
+    def _spans(self, stream_ids: Sequence[str]) -> list[tuple[int, int]]:
+        """Consecutive ``(start, stop)`` spans of the batch holding at most ``grouped.max_streams`` distinct
+        ids each (one span unless the batch holds more ids than a partition keeps): within a span no id
+        can take the row of another id of the same span."""
+        cap, n = self.cfg.grouped.max_streams, len(stream_ids)
+        if n <= cap:
+            return [(0, n)]
+        spans, start, held = [], 0, set()
+        for i, sid in enumerate(map(str, stream_ids)):
+            if sid not in held and len(held) >= cap:
+                spans.append((start, i))
+                start, held = i, set()
+            held.add(sid)
+        return spans + [(start, n)]
+
+    def _span(self, xs: torch.Tensor, ok: np.ndarray, stream_ids: list[str], base: int, tag: Any,
+              offsets: OffsetRange | None) -> tuple:
+        """Forward, commit and watch the samples ``base ..`` of a batch: ``(logits, features, scores, flags,
+        keep, alerts)``."""
+        rows = self._rows(stream_ids)
+        logits, feats = self.stats.forward(to_device(xs, self.blueprint.device), torch.from_numpy(rows))
+        logits, feats = logits.cpu(), feats.cpu()
+        surprise = self.stats.surprise.cpu().numpy().astype(np.float64)
+        scores, flags, keep = self._score(feats, logits)
+        keep &= ok
+        self.stats.commit(torch.from_numpy(keep))
+        if self.blueprint.calibrated:
+            kt = torch.from_numpy(keep)
+            self.scorer.partial_fit(feats, logits, kt)
+            if self.gate_scorer is not None:
+                self.gate_scorer.partial_fit(feats, logits, kt)
+        np.add.at(self._count, rows, 1)
+        surprise[~ok] = np.nan  # detectors skip them
+        alerts = self._watch(rows, {"input": surprise, "ood": (flags | ~ok).astype(np.float64)}, stream_ids,
+                             tag, offsets, base)
+        return logits, feats, scores, flags, keep, alerts
+
     def _watch(self, rows: np.ndarray, signals: dict[str, np.ndarray], stream_ids: Sequence[str], tag: Any,
-               offsets: OffsetRange | None) -> list[Alert]:
+               offsets: OffsetRange | None, base: int = 0) -> list[Alert]:
         """Feed the per-stream detectors; alerts (and, for the input signal, a restart of the stream's
         statistics) for the changes they confirm."""
         alerts: list[Alert] = []
@@ -241,7 +268,7 @@ class GroupedPipeline:
                 if self._alerted[row, j] >= 0 and self._count[row] - self._alerted[row, j] < cooldown:
                     continue
                 self._alerted[row, j] = self._count[row]
-                alerts.append(self._alert(name, str(stream_ids[i]), int(i), row, tag, offsets))
+                alerts.append(self._alert(name, str(stream_ids[i]), base + int(i), row, tag, offsets))
         return alerts
 
     def _alert(self, signal: str, sid: str, i: int, row: int, tag: Any, offsets: OffsetRange | None) -> Alert:
@@ -294,12 +321,19 @@ class GroupedPipeline:
         if st.get("kind") != "grouped":
             raise ValueError("this state was saved by a per-stream pipeline, not a grouped one (grouped.enabled "
                              "changed since)")
-        self.stats.load_state_dict(st["stats"])
-        n = self.stats.rows
+        n = int(torch.as_tensor(st["stats"]["seen"]).shape[0])
         ids = [(str(sid), int(row)) for sid, row in st["ids"]]
         free = [int(r) for r in st["free"]]
         if any(not 0 <= r < n for _, r in ids) or any(not 0 <= r < n for r in free):
             raise ValueError(f"a stream row is outside the {n} rows of the statistics")
+        if len({sid for sid, _ in ids}) != len(ids) or sorted([r for _, r in ids] + free) != list(range(n)):
+            raise ValueError(f"the id table and the free rows do not share the {n} rows out one each (a row held "
+                             f"twice, or one lost)")
+        count = np.asarray(st["count"], dtype=np.int64).copy()
+        alerted = np.asarray(st["alerted"], dtype=np.int64).copy()
+        if count.shape != (n,) or alerted.shape != (n, len(_SIGNALS)):
+            raise ValueError(f"per-stream counters of shape {count.shape} for {n} rows of statistics")
+        self.stats.load_state_dict(st["stats"])
         saved = st.get("detectors") or {}
         if set(saved) != set(self.detectors):
             raise ValueError(f"the state has per-stream detectors {sorted(saved)}, this configuration "
@@ -309,10 +343,7 @@ class GroupedPipeline:
             det.ensure(n)
         self._ids = OrderedDict(ids)
         self._free = free
-        self._count = np.asarray(st["count"], dtype=np.int64).copy()
-        self._alerted = np.asarray(st["alerted"], dtype=np.int64).copy()
-        if len(self._count) != n or self._alerted.shape != (n, len(_SIGNALS)):
-            raise ValueError(f"per-stream counters of {len(self._count)} rows for {n} rows of statistics")
+        self._count, self._alerted = count, alerted
         self.scorer.load_state_dict(st["scorer"])
         if self.gate_scorer is not None and st.get("gate_scorer") is not None:
             self.gate_scorer.load_state_dict(st["gate_scorer"])

@@ -143,11 +143,15 @@ class GroupedStats:
 
     @torch.no_grad()
     def commit(self, keep: torch.Tensor) -> None:
-        """Write the last forward's statistics updates from the samples ``keep`` marks."""
+        """Write the last forward's statistics updates from the samples ``keep`` marks (less any whose
+        statistics in a per-stream layer are not finite)."""
         r, self._route = self._route, None
         if r is None:
             return
         keep = keep.to(device=self.seen.device, dtype=torch.bool)
+        for layer in self.layers:  # a finite input whose statistics overflow (1e20) must not poison its row
+            if layer._pending is not None:
+                keep = keep & torch.isfinite(layer._pending[1]).all(1) & torch.isfinite(layer._pending[2]).all(1)
         n = torch.bincount(r.inverse[keep], minlength=len(r.rows))
         w = self.weights(self.seen[r.rows], n)
         for layer in self.layers:
@@ -165,6 +169,8 @@ class GroupedStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the rows of :meth:`state_dict` (the hyperparameters stay this object's)."""
         seen = torch.as_tensor(state["seen"], dtype=torch.float64)
+        if seen.dim() != 1 or not (torch.isfinite(seen).all() and bool((seen >= 0).all())):
+            raise ValueError("per-row sample counts ('seen') must be finite and >= 0, in one dimension")
         means, vars_ = list(state["mean"]), list(state["var"])
         if len(means) != len(self.layers) or len(vars_) != len(self.layers):
             raise ValueError(f"the state has {len(means)} normalisation layers, the model {len(self.layers)}")
@@ -173,6 +179,8 @@ class GroupedStats:
             if tuple(m.shape) != (k, layer.num_features) or tuple(v.shape) != (k, layer.num_features):
                 raise ValueError(f"statistics of shape {tuple(m.shape)} do not fit a layer of "
                                  f"{layer.num_features} channels and {k} rows")
+            if not (torch.isfinite(m).all() and torch.isfinite(v).all() and bool((v >= 0).all())):
+                raise ValueError("statistics hold NaN/Inf or a negative variance")
         device = self.seen.device
         for layer, m, v in zip(self.layers, means, vars_):
             layer.mean = m.to(device=device, dtype=torch.float32).clone()

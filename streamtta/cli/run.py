@@ -100,10 +100,11 @@ def _run(args: argparse.Namespace, cfg: Any, telemetry: Any) -> int:
     run_dir = runner.new_run_dir(cfg.run.output_dir)  # once the model loaded and calibrated
     if cfg.engine.checkpoint_dir == Path(".streamtta/checkpoints") and not cfg.kafka.bootstrap_servers:
         cfg.engine.checkpoint_dir = run_dir / "checkpoints"  # fresh embedded broker: fresh state
-    say(f"[bold]streamtta run[/] -> {run_dir}", "run_start", run_dir=str(run_dir),
-        adapter_spec=pipeline.blueprint.spec)
+    # what "default" resolved to; grouped mode does not use the spec (per-stream statistics instead)
+    spec = "grouped-stats" if cfg.grouped.enabled else pipeline.blueprint.spec
+    say(f"[bold]streamtta run[/] -> {run_dir}", "run_start", run_dir=str(run_dir), adapter_spec=spec)
     runner.write_manifest(run_dir, cfg, seed=cfg.engine.seed, stream=stream.describe() if stream else None,
-                          extra={"adapter_spec": pipeline.blueprint.spec})  # what "default" resolved to
+                          extra={"adapter_spec": spec})
 
     finishing = ExitStack()  # once the engine is done, a signal no longer stops the results being written
     with ExitStack() as stack:

@@ -180,6 +180,10 @@ class EngineConfig(Section):
                                     "error when the pipeline is built. Results and checkpoints stay on the CPU.")
 
 
+#: the default options of grouped mode's per-stream Page-Hinkley detectors
+_GROUPED_DETECTOR = {"delta": 0.02, "threshold": 20.0, "min_instances": 30}  # chosen on quickstart + openset
+
+
 class GroupedConfig(Section):
     """Many stream ids per state (``engine.state_key = "stream_id"``): :mod:`streamtta.grouped`."""
 
@@ -198,7 +202,7 @@ class GroupedConfig(Section):
     source_weight: float = Field(0.0, ge=0, lt=1, description="Share of the source statistics mixed into a stream's "
                                  "when normalising (alpha-BN style); 0: the stream's own.")
     detector: dict[str, Any] | None = Field(
-        default_factory=lambda: {"delta": 0.05, "threshold": 10.0, "min_instances": 30},
+        default_factory=lambda: dict(_GROUPED_DETECTOR),
         description="Options of the two per-stream Page-Hinkley detectors (river's semantics: min_instances, delta, "
                     "threshold, alpha), on each sample's distance from its stream's statistics and on its OOD flag; "
                     "null: no per-stream shift detection. monitor.enabled=false disables them too.")
@@ -210,6 +214,12 @@ class GroupedConfig(Section):
         unknown = sorted(set(v or {}) - {"min_instances", "delta", "threshold", "alpha"})
         if unknown:
             raise ValueError(f"unknown Page-Hinkley option(s) {unknown}; known: alpha, delta, min_instances, threshold")
+        if v is None:
+            return v
+        from streamtta.detectors.shift.streams import _check_params
+
+        v = {**_GROUPED_DETECTOR, **v}  # one option set (--set grouped.detector.threshold=5) keeps the others
+        _check_params(v["min_instances"], v["delta"], v["threshold"], v.get("alpha", 1 - 0.0001), "up")
         return v
 
 
