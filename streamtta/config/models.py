@@ -155,7 +155,8 @@ class AlertsConfig(Section):
 class EngineConfig(Section):
     batch_size: int = Field(64, ge=1, le=65536, description="Records per consume() call and adapter step.")
     state_key: Literal["partition", "stream_id"] = Field(
-        "partition", description="Keep one adaptation state per partition or per stream id.")
+        "partition", description="Keep one adaptation state per partition or per stream id (many ids: see "
+        "grouped.enabled).")
     checkpoint_dir: Path = Field(Path(".streamtta/checkpoints"), description="Atomic per-stream state checkpoints.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint (and then commit) after at least N batches.")
     checkpoint_interval_s: float = Field(1.0, ge=0, description="... and at least this long after the last "
