@@ -87,10 +87,9 @@ class GroupedPipeline:
         self.scorer, self.gate_scorer = parts.scorer, parts.gate_scorer
         #: what the engine's observers read (no re-adapter here)
         self.parts = SimpleNamespace(adapter=None, scorer=self.scorer, gate_scorer=self.gate_scorer, readapter=None)
-        det = g.detector if self.cfg.monitor.enabled else None
-        #: per-stream detectors by signal: ``input`` (surprise) and ``ood`` (flags)
-        self.detectors = ({name: StreamPageHinkley(mode="up", **det) for name in _SIGNALS}
-                          if det is not None else {})
+        opts = {"input": g.detector, "ood": g.ood_detector} if self.cfg.monitor.enabled else {}
+        #: per-stream detectors by signal: ``input`` (surprise) and ``ood`` (flags); a null option: none
+        self.detectors = {name: StreamPageHinkley(mode="up", **o) for name, o in opts.items() if o is not None}
         self._ids: OrderedDict[str, int] = OrderedDict()  # least recently seen first
         self._free: list[int] = []
         self._count = np.zeros(0, np.int64)  # samples per row since its stream took it

@@ -303,7 +303,7 @@ def test_a_batch_with_more_ids_than_max_streams_never_mixes_two_ids_in_one_row()
 
 
 @pytest.mark.parametrize("corrupt", ["row twice", "row held and free", "row lost", "nan statistics",
-                                     "negative variance", "nan seen", "short counters"])
+                                     "negative variance", "nan seen", "spread shape", "short counters"])
 def test_a_corrupted_grouped_state_is_refused_and_changes_nothing(corrupt):
     gp = GroupedPipeline.from_pipeline(fitted_pipeline())
     for _ in range(3):
@@ -321,6 +321,8 @@ def test_a_corrupted_grouped_state_is_refused_and_changes_nothing(corrupt):
         st["stats"]["var"][0][0, 0] = -1.0
     elif corrupt == "nan seen":
         st["stats"]["seen"][0] = float("nan")
+    elif corrupt == "spread shape":
+        st["stats"]["log_spread"] = st["stats"]["log_spread"][:, :2]
     else:
         st["count"] = st["count"][:2]
     other = gp.spawn()
@@ -355,3 +357,26 @@ def test_a_finite_sample_whose_statistics_overflow_never_poisons_its_stream():
     assert float(gp.stats.seen[gp._ids["s0"]]) < 8.0  # the 1e20 sample is not counted
     assert [float(gp.stats.seen[gp._ids[s]]) for s in ("s1", "s2", "s3")] == [8.0] * 3
     assert bool(torch.isfinite(gp.process(torch.randn(16, 6), stream_ids=ids).logits).all())
+
+
+def test_a_conv_stream_whose_inputs_get_noisier_with_the_same_mean_is_detected():
+    """The shift signal also reads each sample's spread at the first layer: added noise (mean unchanged)
+    raises a covariate_shift alert for that stream, and only for it."""
+    net = convnet()
+    pipe = streamtta.Pipeline(net, num_classes=3, config={"grouped": {"enabled": True},
+                                                         "engine": {"state_key": "stream_id"}})
+    torch.manual_seed(1)
+    smooth = lambda n: torch.nn.functional.avg_pool2d(torch.randn(n, 1, 10, 10), 3, 1)  # noqa: E731
+    pipe.fit_source(smooth(400))
+    gp = GroupedPipeline.from_pipeline(pipe)
+    alerts = []
+    for b in range(30):
+        sids = [f"c{k}" for k in range(8)] * 4
+        x = smooth(32)
+        if b >= 12:
+            noisy = torch.tensor([s == "c5" for s in sids])
+            x[noisy] = x[noisy] + 1.5 * torch.randn(int(noisy.sum()), 1, 8, 8)
+        alerts += gp.process(x, stream_ids=sids).alerts
+    covariate = [a for a in alerts if a.kind.value == "covariate_shift"]
+    assert {a.stream_id for a in covariate} == {"c5"}
+    assert 12 * 32 <= covariate[0].offsets.first < 16 * 32

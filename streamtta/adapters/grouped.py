@@ -137,8 +137,8 @@ class GroupedStats:
 
     @property
     def surprise(self) -> torch.Tensor | None:
-        """Per sample of the last forward: ``log1p`` of its mean squared standardised distance, at the first
-        BatchNorm layer, from its stream's statistics before the batch (a stream's covariate-shift signal)."""
+        """Per sample of the last forward: its distance, at the first BatchNorm layer, from its stream's
+        statistics before the batch (a stream's covariate-shift signal; see ``GroupedBatchNorm.surprise``)."""
         return self.layers[0].surprise
 
     @torch.no_grad()
@@ -160,11 +160,13 @@ class GroupedStats:
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self, rows: int | None = None) -> dict[str, Any]:
-        """The first ``rows`` rows (default all): per layer ``mean``/``var`` tables and ``seen``."""
+        """The first ``rows`` rows (default all): per layer ``mean``/``var`` tables, ``seen`` and the first
+        layer's ``log_spread`` (NaN: no sample yet)."""
         k = self.rows if rows is None else int(rows)
         return {"alpha": self.alpha, "prior": self.prior, "seen": self.seen[:k].cpu().clone(),
                 "mean": [layer.mean[:k].cpu().clone() for layer in self.layers],
-                "var": [layer.var[:k].cpu().clone() for layer in self.layers]}
+                "var": [layer.var[:k].cpu().clone() for layer in self.layers],
+                "log_spread": self.layers[0].log_spread[:k].cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the rows of :meth:`state_dict` (the hyperparameters stay this object's)."""
@@ -181,8 +183,13 @@ class GroupedStats:
                                  f"{layer.num_features} channels and {k} rows")
             if not (torch.isfinite(m).all() and torch.isfinite(v).all() and bool((v >= 0).all())):
                 raise ValueError("statistics hold NaN/Inf or a negative variance")
+        spread = torch.as_tensor(state["log_spread"], dtype=torch.float32)
+        if tuple(spread.shape) != (k, self.layers[0].num_features) or bool(torch.isinf(spread).any()):
+            raise ValueError(f"log_spread of shape {tuple(spread.shape)} (or holding Inf) does not fit {k} rows")
         device = self.seen.device
         for layer, m, v in zip(self.layers, means, vars_):
+            layer.log_spread = spread.to(device).clone() if layer is self.layers[0] else \
+                torch.full((k, layer.num_features), float("nan"), device=device)
             layer.mean = m.to(device=device, dtype=torch.float32).clone()
             layer.var = v.to(device=device, dtype=torch.float32).clone()
         self.seen = seen.to(device).clone()

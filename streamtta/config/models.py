@@ -181,8 +181,10 @@ class EngineConfig(Section):
                                     "error when the pipeline is built. Results and checkpoints stay on the CPU.")
 
 
-#: the default options of grouped mode's per-stream Page-Hinkley detectors
-_GROUPED_DETECTOR = {"delta": 0.02, "threshold": 20.0, "min_instances": 30}  # chosen on quickstart + openset
+#: the default options of grouped mode's per-stream Page-Hinkley detectors: on the input signal (covariate) and
+#: on the OOD flags (semantic); chosen on quickstart, digits-c-continual-openset and a digits-c switch fleet
+_GROUPED_DETECTOR = {"delta": 0.02, "threshold": 10.0, "min_instances": 30}
+_GROUPED_OOD_DETECTOR = {"delta": 0.02, "threshold": 20.0, "min_instances": 30}
 
 
 class GroupedConfig(Section):
@@ -204,14 +206,17 @@ class GroupedConfig(Section):
                                  "when normalising (alpha-BN style); 0: the stream's own.")
     detector: dict[str, Any] | None = Field(
         default_factory=lambda: dict(_GROUPED_DETECTOR),
-        description="Options of the two per-stream Page-Hinkley detectors (river's semantics: min_instances, delta, "
-                    "threshold, alpha), on each sample's distance from its stream's statistics and on its OOD flag; "
-                    "null: no per-stream shift detection. monitor.enabled=false disables them too.")
+        description="Per-stream Page-Hinkley (river's semantics: min_instances, delta, threshold, alpha) on each "
+                    "sample's distance from its stream's statistics: covariate_shift alerts and re-adaptation; null: "
+                    "off. monitor.enabled=false disables both detectors.")
+    ood_detector: dict[str, Any] | None = Field(
+        default_factory=lambda: dict(_GROUPED_OOD_DETECTOR),
+        description="Per-stream Page-Hinkley on each sample's OOD flag: semantic_shift alerts; null: off.")
     cooldown_samples: int = Field(200, ge=0, description="Samples of a stream between two of its shift alerts.")
 
-    @field_validator("detector")
+    @field_validator("detector", "ood_detector")
     @classmethod
-    def _known_detector_options(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _known_detector_options(cls, v: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:
         unknown = sorted(set(v or {}) - {"min_instances", "delta", "threshold", "alpha"})
         if unknown:
             raise ValueError(f"unknown Page-Hinkley option(s) {unknown}; known: alpha, delta, min_instances, threshold")
@@ -219,7 +224,8 @@ class GroupedConfig(Section):
             return v
         from streamtta.detectors.shift.streams import _check_params
 
-        v = {**_GROUPED_DETECTOR, **v}  # one option set (--set grouped.detector.threshold=5) keeps the others
+        base = _GROUPED_DETECTOR if info.field_name == "detector" else _GROUPED_OOD_DETECTOR
+        v = {**base, **v}  # one option set (--set grouped.detector.threshold=5) keeps the others
         _check_params(v["min_instances"], v["delta"], v["threshold"], v.get("alpha", 1 - 0.0001), "up")
         return v
 

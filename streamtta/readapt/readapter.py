@@ -11,8 +11,8 @@
   ID-accepted inputs, snapshots the adapter's parameters, restarts them from ``theta*``, takes a few
   entropy (+ diversity) steps on the post-shift part of the buffer, re-fits the scorer
   (prototypes/means and threshold) and resets the shift monitor's references; it rolls back to the
-  snapshot when the unsupervised proxies got worse (mean entropy up, or prediction-histogram entropy
-  down = collapse).
+  snapshot when the unsupervised proxies got worse (mean entropy up, prediction-histogram entropy
+  down = collapse, or less agreement with the adapter's frozen source copy = confidently wrong).
 
 The hold window lives here too: a pipeline keeps each batch's result for ``hold_batches`` more
 batches (:attr:`ReAdapter.hold`), with the adapter state from before it (:meth:`ReAdapter.pre_state`),
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamtta.readapt.restart import entropy_steps, forward_logits, got_worse, load_init, prediction_proxies
+from streamtta.readapt.restart import entropy_steps, got_worse, load_init, measure, source_predictions
 from streamtta.types import StepOutput
 
 
@@ -97,6 +97,10 @@ class ReAdapter:
         when the mean entropy rose by more than ``entropy_tolerance`` (nats) without the histogram
         entropy rising by more than ``hist_tolerance`` (a collapsed model is confident, so higher
         entropy with more diverse predictions counts as a recovery).
+    agreement_tolerance
+        Also roll back when the share of buffer samples on which the model agrees with the adapter's
+        frozen source copy (source affine parameters, current statistics) fell by more than this; None
+        (or 1.0) turns the check off. Adapters without a source copy skip it.
     """
 
     def __init__(self, meta_init: Mapping[str, torch.Tensor] | None = None, steps: int = 10, lr: float = 5e-3,
@@ -104,7 +108,7 @@ class ReAdapter:
                  diversity_weight: float = 1.0, entropy_tolerance: float = 0.0, hist_tolerance: float = 0.05,
                  decay_batches: int = 0, recalibrate_scorer: bool = True, restart: bool = False,
                  split_onset: bool = True, min_segment: int = 8, onset_alpha: float = 0.01, seed: int = 0,
-                 hold_batches: int = 1) -> None:
+                 hold_batches: int = 1, agreement_tolerance: float | None = 0.0) -> None:
         if not 0 <= hold_batches <= 8:
             raise ValueError(f"hold_batches must be in 0..8, got {hold_batches}")
         if decay_batches < 0:
@@ -124,6 +128,7 @@ class ReAdapter:
         self.diversity_weight = float(diversity_weight)
         self.entropy_tolerance = float(entropy_tolerance)
         self.hist_tolerance = float(hist_tolerance)
+        self.agreement_tolerance = None if agreement_tolerance is None else float(agreement_tolerance)
         self.seed = int(seed)
         self.decay_batches = int(decay_batches)
         self.recalibrate_scorer = bool(recalibrate_scorer)
@@ -346,16 +351,17 @@ class ReAdapter:
                     p.copy_(a)
             self._decay = None
         snapshot = [p.detach().clone() for p in params]
-        before = prediction_proxies(forward_logits(adapter, x, self.batch_size)[0])
+        reference = source_predictions(adapter, x, self.batch_size)
+        before = measure(adapter, x, self.batch_size, reference)[0]
         n_loaded = load_init(model, params, self.meta_init)
         gen = torch.Generator().manual_seed(self.seed + len(self.history))
         entropy_steps(model, params, x, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
                       diversity_weight=self.diversity_weight, generator=gen)
-        logits_after, feats_after = forward_logits(adapter, x, self.batch_size)
-        after = prediction_proxies(logits_after)
+        after, logits_after, feats_after = measure(adapter, x, self.batch_size, reference)
         result: dict[str, Any] = {"n_samples": int(len(x)), "steps": self.steps, "n_params_from_meta_init": n_loaded,
                                   "proxies_before": before, "proxies_after": after}
-        if got_worse(before, after, entropy_tolerance=self.entropy_tolerance, hist_tolerance=self.hist_tolerance):
+        if got_worse(before, after, entropy_tolerance=self.entropy_tolerance, hist_tolerance=self.hist_tolerance,
+                     agreement_tolerance=self.agreement_tolerance):
             with torch.no_grad():
                 for p, s in zip(params, snapshot):
                     p.copy_(s)

@@ -1,5 +1,9 @@
 """The meta restart's pieces: unsupervised proxies, forwards over a buffer, the entropy steps, and the
 rule that decides whether a restart is kept or rolled back. :meth:`ReAdapter.on_shift` puts them together.
+
+Entropy proxies alone reward a restart that is confidently wrong (lower entropy, predictions still
+spread over the classes); :func:`got_worse` therefore also compares how often the model agrees with the
+adapter's frozen source copy (:func:`source_predictions`) before and after the restart.
 """
 from __future__ import annotations
 
@@ -47,6 +51,37 @@ def forward_logits(adapter: Any, x: torch.Tensor, batch_size: int) -> tuple[torc
 
 
 @torch.no_grad()
+def source_predictions(adapter: Any, x: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    """Predicted classes of the adapter's frozen source copy on ``x`` (source affine parameters with the
+    current normalisation statistics, what the ``conf-drop`` filter compares with), or None when the
+    adapter has no source copy (no ``_source_forward``)."""
+    forward = getattr(adapter, "_source_forward", None)
+    if forward is None or len(x) == 0:
+        return None
+    return torch.cat([_logits(forward(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def with_agreement(proxies: dict[str, float], logits: torch.Tensor, reference: torch.Tensor | None) -> dict[str, float]:
+    """``proxies`` plus ``source_agreement``, the share of rows whose predicted class is ``reference``'s
+    (unchanged when there is no reference).
+
+    >>> with_agreement({}, torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+    {'source_agreement': 0.5}
+    """
+    if reference is None:
+        return proxies
+    return {**proxies, "source_agreement": float((logits.argmax(1) == reference.to(logits.device)).float().mean())}
+
+
+def measure(adapter: Any, x: torch.Tensor, batch_size: int, reference: torch.Tensor | None
+            ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
+    """``(proxies, logits, features)`` of the adapter on ``x``: :func:`prediction_proxies` plus the
+    agreement with ``reference`` (:func:`with_agreement`)."""
+    logits, feats = forward_logits(adapter, x, batch_size)
+    return with_agreement(prediction_proxies(logits), logits, reference), logits, feats
+
+
+@torch.no_grad()
 def load_init(model: nn.Module, params: list[torch.Tensor], init: Mapping[str, torch.Tensor]) -> int:
     """Copy the meta-initialisation into ``params`` (matched by name and shape); returns how many."""
     names_by_id = {id(p): n for n, p in model.named_parameters()}
@@ -90,11 +125,24 @@ def entropy_steps(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor,
 
 
 def got_worse(before: Mapping[str, float], after: Mapping[str, float], *, entropy_tolerance: float,
-              hist_tolerance: float) -> bool:
+              hist_tolerance: float, agreement_tolerance: float | None = 0.0) -> bool:
     """True when the restart should be rolled back: the prediction histogram collapsed, or the mean
     entropy rose without the predictions spreading out (a collapsed model is confident on a few classes,
-    so a restart that spreads its predictions again is kept even though its entropy is higher)."""
+    so a restart that spreads its predictions again is kept even though its entropy is higher), or, when
+    both carry ``source_agreement`` and ``agreement_tolerance`` is not None, the predictions moved away
+    from the source copy's by more than ``agreement_tolerance`` (a confidently wrong restart: lower
+    entropy, a spread histogram, but other classes than the source model and the model before it).
+
+    >>> before = {"mean_entropy": 0.4, "hist_entropy": 0.98, "source_agreement": 0.95}
+    >>> sure_but_wrong = {"mean_entropy": 0.3, "hist_entropy": 0.97, "source_agreement": 0.80}
+    >>> got_worse(before, sure_but_wrong, entropy_tolerance=0.0, hist_tolerance=0.05)
+    True
+    >>> got_worse(before, sure_but_wrong, entropy_tolerance=0.0, hist_tolerance=0.05, agreement_tolerance=None)
+    False
+    """
     collapsed = after["hist_entropy"] < before["hist_entropy"] - hist_tolerance
     un_collapsed = after["hist_entropy"] > before["hist_entropy"] + hist_tolerance
     less_sure = after["mean_entropy"] > before["mean_entropy"] + entropy_tolerance
-    return collapsed or (less_sure and not un_collapsed)
+    drifted = (agreement_tolerance is not None and "source_agreement" in before and "source_agreement" in after
+               and after["source_agreement"] < before["source_agreement"] - agreement_tolerance)
+    return collapsed or drifted or (less_sure and not un_collapsed)

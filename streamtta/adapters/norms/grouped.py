@@ -87,14 +87,19 @@ class GroupedBatchNorm(nn.Module):
         self.register_buffer("source_var", torch.ones(c) if source_var is None else source_var.detach().clone().float())
         self.register_buffer("mean", torch.zeros(0, c))
         self.register_buffer("var", torch.zeros(0, c))
+        #: per row, the moving average of its samples' ``log`` spread (``log var_i``, spatial inputs of a layer
+        #: that tracks surprise); NaN until the row's first kept sample
+        self.register_buffer("log_spread", torch.zeros(0, c))
         #: set by the owner before each forward (None: normalise with the source statistics)
         self.route: Route | None = None
         #: share of the source statistics mixed into every row's when normalising (alpha-BN style)
         self.source_weight = 0.0
         #: when True, a routed forward sets :attr:`surprise`
         self.track_surprise = False
-        #: per sample, ``log1p`` of the mean over channels of ``(mean_i - mean[r])**2 / var[r]``: how far its
-        #: instance means are from its stream's statistics before this batch (the shift signal of a stream)
+        #: per sample, how far it lies from its stream's statistics before this batch (a stream's shift
+        #: signal): ``log1p`` of the channel mean of ``(mean_i - mean[r])**2 / var[r]``, plus, for inputs with
+        #: spatial dimensions, the channel mean of ``|log var_i - log_spread[r]|`` (noise raises a sample's
+        #: spread, blur lowers it, often with the same means)
         self.surprise: torch.Tensor | None = None
         self._pending: tuple[Route, torch.Tensor, torch.Tensor] | None = None
 
@@ -115,12 +120,14 @@ class GroupedBatchNorm(nn.Module):
             extra = rows - have
             self.mean = torch.cat([self.mean, self.source_mean.expand(extra, -1)])
             self.var = torch.cat([self.var, self.source_var.expand(extra, -1)])
+            self.log_spread = torch.cat([self.log_spread, self.mean.new_full((extra, self.num_features), float("nan"))])
 
     @torch.no_grad()
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Rows back to the source statistics (a row handed to a new stream)."""
         self.mean[rows] = self.source_mean
         self.var[rows] = self.source_var
+        self.log_spread[rows] = float("nan")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -131,8 +138,12 @@ class GroupedBatchNorm(nn.Module):
         mean_i, var_i = instance_stats(x)
         old_m, old_v = self.mean[r.rows], self.var[r.rows]
         if self.track_surprise:
-            z = (mean_i - old_m[r.inverse]).pow(2) / (old_v[r.inverse] + self.eps)
+            ov = old_v[r.inverse] + self.eps
+            z = (mean_i - old_m[r.inverse]).pow(2) / ov
             self.surprise = torch.log1p(z.mean(dim=1))
+            if x.dim() > 2:  # the spread inside the sample too: noise raises it, blur lowers it
+                d = (torch.log(var_i + self.eps) - self.log_spread[r.rows][r.inverse]).abs()
+                self.surprise = self.surprise + torch.nan_to_num(d, nan=0.0).mean(dim=1)
         m, v = row_update(old_m, old_v, r.inverse, r.counts, r.weight, mean_i, var_i)
         self._pending = (r, mean_i, var_i)
         if self.source_weight > 0:
@@ -156,6 +167,20 @@ class GroupedBatchNorm(nn.Module):
                           r.weight if weight is None else weight, mean_i[keep], var_i[keep])
         self.mean[r.rows] = m
         self.var[r.rows] = v
+        if self.track_surprise and bool(var_i.any()):  # spatial input (a (B, C) input has no spread)
+            self._update_spread(r, keep, counts, var_i, r.weight if weight is None else weight)
+
+    def _update_spread(self, r: Route, keep: torch.Tensor, counts: torch.Tensor, var_i: torch.Tensor,
+                       weight: torch.Tensor) -> None:
+        """Move the kept rows' ``log_spread`` towards their samples' mean ``log var_i`` (a new row: set to it)."""
+        lv = torch.log(var_i[keep] + self.eps)
+        s = torch.zeros(len(r.rows), self.num_features, dtype=lv.dtype, device=lv.device).index_add_(
+            0, r.inverse[keep], lv)
+        got = counts > 0
+        mb = s[got] / counts[got].unsqueeze(1).to(lv.dtype)
+        old = self.log_spread[r.rows[got]]
+        a = weight[got].to(lv.dtype).unsqueeze(1)
+        self.log_spread[r.rows[got]] = torch.where(torch.isnan(old), mb, old + a * (mb - old))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, rows={self.mean.shape[0]}"
