@@ -52,7 +52,7 @@ import torch
 from streamtta.adapters.grouped import GroupedStats
 from streamtta.adapters.masks import sanitize_batch
 from streamtta.alerts import Alert, AlertKind, OffsetRange, Severity
-from streamtta.detectors.ood.scorer import score_and_flag
+from streamtta.detectors.ood.scorer import gated_scores
 from streamtta.detectors.shift.streams import StreamPageHinkley
 from streamtta.devices import to_cpu, to_device
 from streamtta.pipeline import READY_MAX, Pipeline
@@ -171,14 +171,9 @@ class GroupedPipeline:
 
     # -- one batch --------------------------------------------------------------------------------
     def _score(self, feats: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self.blueprint.calibrated:
-            scores = (1.0 - logits.softmax(1).max(1).values).numpy().astype(np.float64)
-            return scores, np.zeros(len(scores), bool), np.ones(len(scores), bool)
-        scores, flags = score_and_flag(self.scorer, feats, logits)
-        keep = ~np.asarray(flags, dtype=bool)
-        if self.gate_scorer is not None:
-            keep &= ~np.asarray(score_and_flag(self.gate_scorer, feats, logits)[1], dtype=bool)
-        return np.asarray(scores, dtype=np.float64), np.asarray(flags, dtype=bool), keep
+        scores, flags, keep = gated_scores(self.scorer, self.gate_scorer, self.blueprint.calibrated, feats, logits)
+        return (np.asarray(scores, dtype=np.float64), np.asarray(flags, dtype=bool),
+                np.array(keep, dtype=bool))
 
     def process(self, x: Any, *, stream_ids: Sequence[str], stream_id: str = "", offsets: OffsetRange | None = None,
                 tag: Any = None, received_at: float | None = None) -> BatchResult:

@@ -46,7 +46,7 @@ import torch
 from streamtta.alerts import GuardResetEvent, OffsetRange
 from streamtta.blueprint import Blueprint
 from streamtta.config import Config, load_config
-from streamtta.detectors.ood.scorer import score_and_flag
+from streamtta.detectors.ood.scorer import gated_scores
 from streamtta.detectors.shift import batch_signals, input_signals
 from streamtta.devices import move_tensors, output_to_cpu, to_cpu, to_device
 from streamtta.faults import point
@@ -240,14 +240,7 @@ class Pipeline:
         scored again: adaptive thresholds do not see its scores twice. Uncalibrated: ``1 - max softmax``
         scores and no flags."""
         p = self._require()
-        if not self.blueprint.calibrated:
-            scores = (1.0 - logits.softmax(1).max(1).values).numpy().astype(np.float64)
-            return scores, np.zeros(len(scores), bool), np.ones(len(scores), bool)
-        scores, flags = score_and_flag(p.scorer, features, logits, feed)
-        keep = ~flags
-        if p.gate_scorer is not None:
-            keep = keep & ~score_and_flag(p.gate_scorer, features, logits, feed)[1]
-        return scores, flags, keep
+        return gated_scores(p.scorer, p.gate_scorer, self.blueprint.calibrated, features, logits, feed)
 
     def step(self, x: torch.Tensor, feed: bool = True) -> tuple[StepOutput, np.ndarray, np.ndarray, np.ndarray]:
         """One adapter step gated by the scorers: ``(output, scores, ood flags, keep)``; the step runs on the

@@ -31,6 +31,13 @@ def mlp(seed=0, d=6, k=3):
     return net.eval()
 
 
+def use_batch_stats(bn):
+    """``bn`` normalises every batch with its own statistics (train mode, no running statistics)."""
+    bn.train()
+    bn.track_running_stats = False
+    bn.running_mean = bn.running_var = None
+
+
 def convnet(seed=0):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
@@ -78,9 +85,7 @@ def test_one_stream_with_full_weight_is_train_mode_batchnorm():
     ref = mlp()
     for m in ref.modules():
         if isinstance(m, nn.BatchNorm1d):
-            m.train()
-            m.track_running_stats = False
-            m.running_mean = m.running_var = None
+            use_batch_stats(m)
     with torch.no_grad():
         torch.testing.assert_close(lg, ref(x), rtol=1e-4, atol=1e-4)
 
@@ -265,10 +270,7 @@ def test_only_the_first_layers_keep_per_stream_statistics():
     x = torch.randn(32, 6) * 3 + 2
     lg, _ = g.forward(x, torch.zeros(32, dtype=torch.long))
     ref = mlp()
-    first = ref[1]
-    first.train()
-    first.track_running_stats = False
-    first.running_mean = first.running_var = None
+    use_batch_stats(ref[1])
     with torch.no_grad():
         torch.testing.assert_close(lg, ref(x), rtol=1e-4, atol=1e-4)
 

@@ -292,3 +292,18 @@ def confident_mask(logits: Any, accepted: Any | None, min_conf: float) -> tuple[
     if accepted is not None:
         mask &= to_numpy(accepted, bool).reshape(-1)
     return mask, p.argmax(1)
+
+
+def gated_scores(scorer: Any, gate_scorer: Any, calibrated: bool, features: torch.Tensor, logits: torch.Tensor,
+                 feed: bool = True) -> tuple[Any, Any, Any]:
+    """``(scores, ood flags, keep)`` of one batch: the scorer's scores and flags, and the samples flagged by
+    neither it nor the gate scorer (``feed=False``: a batch scored again). Uncalibrated: ``1 - max softmax``
+    scores, no flags."""
+    if not calibrated:
+        scores = (1.0 - logits.softmax(1).max(1).values).numpy().astype(np.float64)
+        return scores, np.zeros(len(scores), bool), np.ones(len(scores), bool)
+    scores, flags = score_and_flag(scorer, features, logits, feed)
+    keep = ~flags
+    if gate_scorer is not None:
+        keep = keep & ~score_and_flag(gate_scorer, features, logits, feed)[1]
+    return scores, flags, keep
