@@ -41,6 +41,7 @@ batch-level shift monitors, held predictions and re-processing of a batch (every
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict, deque
 from types import SimpleNamespace
@@ -327,14 +328,16 @@ class GroupedPipeline:
         alerted = np.asarray(st["alerted"], dtype=np.int64).copy()
         if count.shape != (n,) or alerted.shape != (n, len(_SIGNALS)):
             raise ValueError(f"per-stream counters of shape {count.shape} for {n} rows of statistics")
-        self.stats.load_state_dict(st["stats"])
         saved = st.get("detectors") or {}
         if set(saved) != set(self.detectors):
             raise ValueError(f"the state has per-stream detectors {sorted(saved)}, this configuration "
                              f"{sorted(self.detectors)}")
-        for name, det in self.detectors.items():
+        detectors = {name: copy.deepcopy(det) for name, det in self.detectors.items()}  # a refused state: no change
+        for name, det in detectors.items():
             det.load_state_dict(saved[name])
             det.ensure(n)
+        self.stats.load_state_dict(st["stats"])
+        self.detectors = detectors
         self._ids = OrderedDict(ids)
         self._free = free
         self._count, self._alerted = count, alerted

@@ -382,3 +382,52 @@ def test_a_conv_stream_whose_inputs_get_noisier_with_the_same_mean_is_detected()
     covariate = [a for a in alerts if a.kind.value == "covariate_shift"]
     assert {a.stream_id for a in covariate} == {"c5"}
     assert 12 * 32 <= covariate[0].offsets.first < 16 * 32
+
+
+def test_a_state_with_other_detectors_is_refused_and_changes_nothing():
+    """A state saved with both per-stream detectors, loaded under grouped.ood_detector=null, is refused before
+    any statistics are touched."""
+    gp = GroupedPipeline.from_pipeline(fitted_pipeline())
+    gp.process(torch.randn(16, 6) + 3, stream_ids=["a"] * 16)
+    one = GroupedPipeline.from_pipeline(fitted_pipeline(ood_detector=None))
+    assert sorted(one.detectors) == ["input"]
+    one.process(torch.randn(4, 6), stream_ids=["x"] * 4)
+    before = one.state_dict()
+    with pytest.raises(ValueError, match="per-stream detectors"):
+        one.load_state_dict(gp.state_dict())
+    after = one.state_dict()
+    assert torch.equal(after["stats"]["seen"], before["stats"]["seen"])
+    assert all(torch.equal(a, b) for a, b in zip(after["stats"]["mean"], before["stats"]["mean"]))
+
+
+def test_set_null_turns_off_only_that_detector():
+    """``--set grouped.ood_detector=null`` (TOML has no null, the value arrives as a string) turns that
+    detector off and keeps the other."""
+    from streamtta.config.overrides import parse_set_option
+
+    for key, left in (("ood_detector", ["input"]), ("detector", ["ood"])):
+        cfg = load_config(overrides=parse_set_option([f"grouped.{key}=null", "grouped.enabled=true",
+                                                      "engine.state_key='stream_id'"]), env=False)
+        assert getattr(cfg.grouped, key) is None
+        gp = GroupedPipeline.from_pipeline(fitted_pipeline(**{key: None}))
+        assert sorted(gp.detectors) == left
+    with pytest.raises(ConfigError, match="dictionary"):
+        load_config(overrides=parse_set_option(["grouped.detector=nothing"]), env=False)
+
+
+def test_a_stream_that_goes_flat_learns_its_new_spread():
+    """Flat frames (zero spread at the first layer), alone in their batch, move the row's log_spread too:
+    once the row has adapted to them their surprise falls back."""
+    g = GroupedStats(convnet(), alpha=0.1, prior=4)
+    g.ensure(1)
+    row = torch.zeros(1, dtype=torch.long)
+    for _ in range(20):
+        g.forward(torch.randn(1, 1, 8, 8), row)
+        g.commit(torch.tensor([True]))
+    surprise = []
+    for _ in range(60):
+        g.forward(torch.full((1, 1, 8, 8), 0.3), row)
+        surprise.append(float(g.surprise[0]))
+        g.commit(torch.tensor([True]))
+    assert surprise[-1] < 0.2 * surprise[0]
+    assert bool((g.layers[0].log_spread[0] < -5).all())  # close to log(eps)

@@ -2,6 +2,7 @@
 spread over the classes (the entropy proxies approve it), but other classes than the source copy's."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -105,3 +106,12 @@ def test_source_predictions_and_agreement():
     assert with_agreement({}, logits, ref) == {"source_agreement": 1.0}
     assert with_agreement({}, -logits, ref)["source_agreement"] < 0.5
     assert with_agreement({"a": 1.0}, logits, None) == {"a": 1.0}
+
+
+def test_an_agreement_tolerance_outside_0_1_is_refused():
+    """A negative tolerance would roll back every restart, NaN would silently turn the check off."""
+    for bad in (-0.1, float("nan"), 1.5):
+        with pytest.raises(ValueError, match="agreement_tolerance"):
+            ReAdapter({}, agreement_tolerance=bad)
+    for ok in (None, 0.0, 1.0):
+        ReAdapter({}, agreement_tolerance=ok)

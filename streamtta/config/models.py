@@ -214,6 +214,12 @@ class GroupedConfig(Section):
         description="Per-stream Page-Hinkley on each sample's OOD flag: semantic_shift alerts; null: off.")
     cooldown_samples: int = Field(200, ge=0, description="Samples of a stream between two of its shift alerts.")
 
+    @field_validator("detector", "ood_detector", mode="before")
+    @classmethod
+    def _null_string_turns_off(cls, v: Any) -> Any:
+        # TOML (and so --set grouped.ood_detector=null) has no null: the strings null/none/off mean None
+        return None if isinstance(v, str) and v.strip().lower() in ("null", "none", "off") else v
+
     @field_validator("detector", "ood_detector")
     @classmethod
     def _known_detector_options(cls, v: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:

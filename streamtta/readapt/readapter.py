@@ -116,6 +116,8 @@ class ReAdapter:
         if steps < 0 or lr <= 0 or buffer_size < 1 or batch_size < 1:
             raise ValueError(f"need steps >= 0, lr > 0, buffer_size >= 1, batch_size >= 1; got {steps}, {lr}, "
                              f"{buffer_size}, {batch_size}")
+        if agreement_tolerance is not None and not 0.0 <= float(agreement_tolerance) <= 1.0:  # NaN too
+            raise ValueError(f"agreement_tolerance must be in [0, 1] or None, got {agreement_tolerance}")
         if restart and not meta_init:
             raise ValueError("restart=True needs a meta-initialisation (streamtta meta-train)")
         self.meta_init = {k: v.detach().clone() for k, v in (meta_init or {}).items()}

@@ -102,6 +102,7 @@ class GroupedBatchNorm(nn.Module):
         #: spread, blur lowers it, often with the same means)
         self.surprise: torch.Tensor | None = None
         self._pending: tuple[Route, torch.Tensor, torch.Tensor] | None = None
+        self._spatial = False  # whether the last routed forward's input had spatial dimensions
 
     @classmethod
     def from_bn(cls, bn: nn.modules.batchnorm._NormBase) -> "GroupedBatchNorm":
@@ -136,6 +137,7 @@ class GroupedBatchNorm(nn.Module):
         if r is None:
             return affine_normalize(x, self.source_mean, self.source_var, self.weight, self.bias, self.eps)
         mean_i, var_i = instance_stats(x)
+        self._spatial = x.dim() > 2
         old_m, old_v = self.mean[r.rows], self.var[r.rows]
         if self.track_surprise:
             ov = old_v[r.inverse] + self.eps
@@ -167,7 +169,7 @@ class GroupedBatchNorm(nn.Module):
                           r.weight if weight is None else weight, mean_i[keep], var_i[keep])
         self.mean[r.rows] = m
         self.var[r.rows] = v
-        if self.track_surprise and bool(var_i.any()):  # spatial input (a (B, C) input has no spread)
+        if self.track_surprise and self._spatial:  # a (B, C) input has no spread; a flat image's is log(eps)
             self._update_spread(r, keep, counts, var_i, r.weight if weight is None else weight)
 
     def _update_spread(self, r: Route, keep: torch.Tensor, counts: torch.Tensor, var_i: torch.Tensor,
