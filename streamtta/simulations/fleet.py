@@ -46,6 +46,10 @@ class FleetStream:
         samples = list(stream.iter_samples())
         domains = list(dict.fromkeys(s.domain for s in samples))
         width = max(4, len(str(self.streams - 1)))
+
+        def name(k: int) -> str:
+            return f"{stream.stream_id}/s{k:0{width}d}"
+
         by_domain: dict[Any, list[int]] = {d: [k for k in range(self.streams) if k % len(domains) == i]
                                            for i, d in enumerate(domains)}
         queues: list[list[Sample]] = [[] for _ in range(self.streams)]
@@ -56,7 +60,7 @@ class FleetStream:
                 ids = [domains.index(s.domain) % self.streams]
             k = ids[dealt[s.domain] % len(ids)]
             dealt[s.domain] += 1
-            queues[k].append(replace(s, stream_id=f"{stream.stream_id}/s{k:0{width}d}"))
+            queues[k].append(replace(s, stream_id=name(k)))
         order = np.repeat(np.arange(self.streams), [len(q) for q in queues])
         np.random.default_rng(seed).shuffle(order)
         nxt = [0] * self.streams
@@ -65,8 +69,8 @@ class FleetStream:
             self._samples.append(queues[k][nxt[k]])
             nxt[k] += 1
         self.stream_id = stream.stream_id
-        self.domain_of = {f"{stream.stream_id}/s{k:0{width}d}": samples_domain
-                          for k, samples_domain in ((k, q[0].domain if q else None) for k, q in enumerate(queues))}
+        #: the domain of every stream id (None: an id that got no sample)
+        self.domain_of = {name(k): q[0].domain if q else None for k, q in enumerate(queues)}
 
     def __len__(self) -> int:
         return len(self._samples)
