@@ -6,10 +6,24 @@ from typing import Sequence
 
 import torch
 
-from streamtta.adapters.norms import em_class_mix
-
 #: Which labels a pseudo-label norm commits its statistics with (see ``CompositeAdapter``).
 RELABEL = ("final", "prepass", "agree")
+
+
+def em_class_mix(probs: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """EM estimate of a batch's class proportions from posteriors (Saerens et al., uniform train prior).
+
+    >>> p = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
+    >>> [round(v, 2) for v in em_class_mix(p).tolist()]   # pushes mass towards the favoured class
+    [0.98, 0.02]
+    """
+    n = probs.shape[1]
+    pi = torch.full((n,), 1.0 / n, dtype=probs.dtype, device=probs.device)
+    for _ in range(iters):
+        q = probs * (pi * n)
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        pi = q.mean(dim=0)
+    return pi
 
 
 def balance_shrunk_mix(mix: torch.Tensor, balanced_tv: float = 0.3, imbalanced_tv: float = 0.6) -> torch.Tensor:
