@@ -58,6 +58,9 @@ def _variant_configs(cfg: Config, variants: list[Variant] | None) -> list[tuple[
     base = cfg.model_dump(mode="json")
     out = []
     for label, ov in list(variants or [("", {})]):
+        if "spec" in (ov.get("adapter") or {}):  # each method sets the spec: the variant's would be lost
+            raise ConfigError(f"bench variant {label!r} sets adapter.spec, which every method replaces; "
+                              f"give the spec as a method instead (--methods \"default,{ov['adapter']['spec']}\")")
         try:
             out.append((label, Config.model_validate(deep_merge(base, ov))))
         except ValidationError as e:

@@ -62,6 +62,13 @@ def test_bench_rejects_a_bad_variant_before_running(tmp_path, capsys):
     assert not (tmp_path / "never.json").exists()
 
 
+def test_bench_rejects_a_variant_that_sets_the_spec_the_methods_replace(tmp_path, capsys):
+    rc = main(["bench", "quickstart", "--methods", "default", "--limit", "64", "--no-progress", "--output-dir",
+               str(tmp_path), "--variant", 'plain:adapter.spec="cb-stats(ema=0)+source-fallback"'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "adapter.spec" in err and "--methods" in err and "cb-stats(ema=0)" in err
+
+
 def test_bench_cost_mode_reports_forward_step_and_scoring(tmp_path):
     out = tmp_path / "cost.json"
     rc = main(["bench", "quickstart", "--cost", "--cost-samples", "384", "--methods", "source,bn,tent",
