@@ -129,3 +129,13 @@ def test_ema_is_validated_and_reachable_from_a_spec():
     assert [m.ema for m in ad.model.modules() if isinstance(m, ClassBalancedNorm)] == [0.2]
     ad = build_adapter("default", model.eval(), 4)
     assert [m.ema for m in ad.model.modules() if isinstance(m, ClassBalancedNorm)] == [0.05]
+
+
+def test_an_old_state_missing_its_slots_is_reported_by_the_loader_not_a_key_error():
+    state = {k: v for k, v in layer().state_dict().items() if k not in ("ema_mean", "ema_var", "slot_vars")}
+    missing, _ = layer().load_state_dict(state, strict=False)  # a partial load stays a partial load
+    assert set(missing) == {"slot_vars", "ema_mean", "ema_var"}
+    with pytest.raises(RuntimeError, match="slot_vars"):
+        layer().load_state_dict(state)
+    with pytest.raises(RuntimeError, match="slot_means"):  # not an AttributeError from the EMA's start
+        layer().load_state_dict({**state, "slot_means": [[0.0] * 3] * 4, "slot_vars": torch.ones(4, 3)})
