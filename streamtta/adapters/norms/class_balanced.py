@@ -23,10 +23,10 @@ adapter from a pre-pass, see below) and batch statistics ``(bm, bv)``::
 
 For a class-balanced batch (``pi`` uniform) this is exactly BN-adapt; for a one-class batch it
 moves the class statistics back to the balanced ones. The result is blended with the stored
-statistics (the marginal; with ``ema``, see below) by ``w = (1 - u) * B / (B + batch_kappa)`` where ``u`` in [0, 1] is the part of the
-batch's class imbalance that falls on slots not yet established (an imbalance on a class whose
-structure is unknown cannot be corrected, so the stored statistics are trusted instead); batch
-size 1 uses the stored marginal. Gradients flow through the batch statistics, as in BN-adapt.
+statistics (the marginal; with ``ema``, see below) by ``w = (1 - u) * B / (B + batch_kappa)`` where ``u``
+in [0, 1] is the part of the batch's class imbalance that falls on slots not yet established (an
+imbalance on a class whose structure is unknown cannot be corrected, so the stored statistics are trusted
+instead); batch size 1 uses the stored statistics. Gradients flow through the batch statistics, as in BN-adapt.
 
 **Slot update** (after the forward, with the adapter's pseudo-labels ``y_b``: the main pass's
 predictions with confidence >= ``label_confidence``, only for samples the gate kept) -- a shared
@@ -60,7 +60,8 @@ is established. A class structure known for a few classes only corrects little: 
 established (relative to ``prior_weight``) or the batch was trusted (``w``). The class offsets ``o_c``, ``r_c``
 stay relative to the slots' own marginal. ``ema=0`` is the layer without the EMA. Chosen on the digits-c tuning
 streams (this form on seed 0, an earlier one on seeds 1-2): class-sorted accuracy rose on every run with and
-without a class prior, Dirichlet on all but one (seed 2 with the prior) (README, "Adaptation on label-correlated streams").
+without a class prior, Dirichlet on all but one (seed 2 with the prior); README, "Adaptation on
+label-correlated streams".
 
 Slots start at the source statistics with ``W = 0``: until classes have been seen the layer is
 BN-adapt on batches it takes as balanced and the source BatchNorm on imbalanced ones. Given labelled
@@ -203,10 +204,10 @@ class ClassBalancedNorm(AdaptiveNorm):
         m = means.mean(dim=0)
         return m, vars_.mean(dim=0) + (means - m).pow(2).mean(dim=0)
 
-    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The statistics a batch falls back on: the slots' marginal, blended with the EMA of the test
-        batches (``ema`` > 0) by ``g = 1 - mean_c W_c`` (see the module docstring)."""
-        mS, vS = self.marginal(self.slot_means, self.slot_vars)
+    def stored(self, marginal: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The statistics a batch falls back on: the slots' marginal (given, or computed here), blended with
+        the EMA of the test batches (``ema`` > 0) by ``g = 1 - mean_c W_c`` (see the module docstring)."""
+        mS, vS = marginal if marginal is not None else self.marginal(self.slot_means, self.slot_vars)
         if self.ema <= 0.0:
             return mS, vS
         g = 1.0 - self.slot_weight.mean()  # a tensor: no device sync
@@ -225,13 +226,13 @@ class ClassBalancedNorm(AdaptiveNorm):
     def balanced_stats(
         self, mean_i: torch.Tensor, var_i: torch.Tensor, class_mix: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch statistics corrected for ``class_mix``, blended with the stored marginal."""
+        """Batch statistics corrected for ``class_mix``, blended with the :meth:`stored` statistics."""
         B = mean_i.shape[0]
-        mS, vS = self.stored()
+        mC, vC = self.marginal(self.slot_means, self.slot_vars)  # the class structure's own marginal
+        mS, vS = self.stored((mC, vC))
         if B < 2:
             return mS, vS
         pi = class_mix.to(mean_i) / class_mix.sum().clamp_min(1e-12)
-        mC, vC = self.marginal(self.slot_means, self.slot_vars) if self.ema > 0 else (mS, vS)  # the class structure
         sd = (vC + self.eps).sqrt()
         off = (self.slot_means - mC) / sd
         rel = self.slot_vars / (vC + self.eps)
@@ -381,7 +382,8 @@ class ClassBalancedNorm(AdaptiveNorm):
             self._pending = pending
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_classes={self.num_classes}, alpha={self.alpha}, kappa={self.kappa}, ema={self.ema}"
+        return (super().extra_repr() + f", num_classes={self.num_classes}, alpha={self.alpha}, kappa={self.kappa}, "
+                f"ema={self.ema}")
 
 
 def label_norms(model: nn.Module) -> list[ClassBalancedNorm]:
