@@ -9,8 +9,8 @@ data. A task is a corruption family and severity (``streamtta.simulations.corrup
   of an unlabelled *support* batch of corrupted source images;
 * outer (query) loss at the adapted parameters: cross-entropy on a labelled *query* batch of the
   same task plus ``energy_weight`` times the energy-margin OOD loss of Liu et al. (2020),
-  ``relu(E(x_in) - m_in)^2 + relu(m_out - E(x_out))^2``, on synthetic outliers (pixel- and
-  patch-shuffled copies of the query images, or ``outlier_x`` when given).
+  ``relu(E(x_in) - m_in)^2 + relu(m_out - E(x_out))^2``, on synthetic outliers (pixel- and patch-shuffled
+  copies of the query images, or ``outlier_x``) that are a minority ``outlier_fraction`` of their batch.
 
 Norm layers use test-batch statistics during meta-training (as at test time), without touching
 the stored running statistics. The result is saved next to the source checkpoint
@@ -131,6 +131,7 @@ class MetaSettings:
     energy_weight: float
     m_in: float
     m_out: float
+    outlier_fraction: float | None = None
 
 
 def _meta_get(meta_info: Any, key: str, default: Any = None) -> Any:
@@ -208,13 +209,22 @@ def inner_adapt(net: nn.Module, theta: Sequence[torch.Tensor], support: torch.Te
     return losses
 
 
-def query_loss(net: nn.Module, task: ShiftTask, m_in: float, m_out: float,
-               energy_weight: float) -> tuple[torch.Tensor, float, float]:
+def query_loss(net: nn.Module, task: ShiftTask, m_in: float, m_out: float, energy_weight: float,
+               outlier_fraction: float | None = None) -> tuple[torch.Tensor, float, float]:
     """The outer loss at the adapted parameters: cross-entropy on the labelled query batch plus
     ``energy_weight`` times the energy-margin loss ``relu(E(x_in) - m_in)^2 + relu(m_out - E(x_out))^2``;
-    returns ``(loss, cross-entropy, energy loss)``."""
-    logits = _logits(net(torch.cat([task.query, task.outliers])))
-    lq, lo = logits[: len(task.query)], logits[len(task.query):]
+    returns ``(loss, cross-entropy, energy loss)``. ``outlier_fraction=None``: one forward of query
+    and outliers (test-batch statistics half outliers). ``f`` in (0, 1): the query alone for the
+    cross-entropy and in-energy; the query plus ``round(f / (1 - f) * len(query))`` outliers (share ``f``,
+    at most all) for the out-energy, as at test time where unknowns are a minority of a batch."""
+    nq = len(task.query)
+    if outlier_fraction is None:
+        logits = _logits(net(torch.cat([task.query, task.outliers])))
+        lq, lo = logits[:nq], logits[nq:]
+    else:
+        n_out = min(len(task.outliers), max(1, round(outlier_fraction / (1.0 - outlier_fraction) * nq)))
+        lq = _logits(net(task.query))
+        lo = _logits(net(torch.cat([task.query, task.outliers[:n_out]])))[nq:]
     ce = F.cross_entropy(lq, task.labels)
     e_loss = (F.relu(energy(lq) - m_in) ** 2).mean() + (F.relu(m_out - energy(lo)) ** 2).mean()
     return ce + energy_weight * e_loss, float(ce.detach()), float(e_loss.detach())
@@ -268,7 +278,7 @@ def outer_step(net: nn.Module, theta: Sequence[torch.Tensor], tasks: TaskSampler
         with batch_stat_norms(net):
             for loss_in in inner_adapt(net, theta, task.support, cfg.inner_steps, cfg.inner_lr):
                 stats["inner"] += loss_in / (cfg.inner_steps * cfg.tasks_per_step)
-            loss_q, ce, e_loss = query_loss(net, task, cfg.m_in, cfg.m_out, cfg.energy_weight)
+            loss_q, ce, e_loss = query_loss(net, task, cfg.m_in, cfg.m_out, cfg.energy_weight, cfg.outlier_fraction)
         stats["ce"] += ce / cfg.tasks_per_step
         stats["energy"] += e_loss / cfg.tasks_per_step
         accumulate_task(loss_q, theta, start, acc, cfg)
@@ -297,6 +307,7 @@ def meta_train(
     energy_weight: float = 0.1,
     m_in: float | None = None,
     m_out: float | None = None,
+    outlier_fraction: float | None = 0.2,
     families: Sequence[str] | None = None,
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     corrupt_fn: CorruptFn | None = None,
@@ -326,6 +337,9 @@ def meta_train(
     energy_weight, m_in, m_out
         Weight and margins of the energy OOD loss; margins default to the median clean-source
         energy and that plus ``max(2, 2 * std)``.
+    outlier_fraction
+        In (0, 1), default 0.2: cross-entropy on the query alone, out-energy on a batch where outliers are
+        that share (``None``: one forward of query and outliers, as before; its init was ~2 points worse).
     families, severities
         Corruption families and severities tasks are drawn from (default: all of
         :data:`streamtta.simulations.corruptions.CORRUPTIONS`, severities 1-5).
@@ -337,6 +351,8 @@ def meta_train(
     if steps < 0 or inner_steps < 1 or tasks_per_step < 1:
         raise ValueError(f"need steps >= 0, inner_steps >= 1, tasks_per_step >= 1; got {steps}, {inner_steps}, "
                          f"{tasks_per_step}")
+    if outlier_fraction is not None and not 0.0 < outlier_fraction < 1.0:
+        raise ValueError(f"outlier_fraction must be None or in (0, 1), got {outlier_fraction}")
     x_all, y_all = _source_tensors(source_x, source_y, meta_info)
     corrupt_fn, families = _corruptions(corrupt_fn, families)
     x_out_all = None if outlier_x is None else torch.as_tensor(np.asarray(outlier_x)).float()
@@ -344,7 +360,8 @@ def meta_train(
     tasks = TaskSampler(x_all, y_all, corrupt_fn, families, severities, support_size, query_size, x_out_all, seed)
     m_in, m_out = energy_margins(net, x_all, m_in, m_out)
     cfg = MetaSettings(algorithm=algorithm, inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr,
-                       tasks_per_step=tasks_per_step, energy_weight=energy_weight, m_in=m_in, m_out=m_out)
+                       tasks_per_step=tasks_per_step, energy_weight=energy_weight, m_in=m_in, m_out=m_out,
+                       outlier_fraction=outlier_fraction)
     opt = torch.optim.Adam(theta, lr=outer_lr) if algorithm == "fomaml" else None
     t0 = time.perf_counter()
     for step in range(steps):
