@@ -131,7 +131,7 @@ class MetaSettings:
     energy_weight: float
     m_in: float
     m_out: float
-    outlier_fraction: float | None = None
+    outlier_fraction: float | None
 
 
 def _meta_get(meta_info: Any, key: str, default: Any = None) -> Any:
