@@ -387,10 +387,14 @@ def test_cb_stats_adapter_learns_class_slots_from_confident_labels_only(net):
 def test_default_spec_builds_and_adapts(net):
     ad = build_adapter(DEFAULT_SPEC, net, NUM_CLASSES)
     assert ad.spec == str(parse_spec(DEFAULT_SPEC)) == str(parse_spec("default"))
-    outs = [ad.step(x) for x in batches(4, shift=0.9)]
+    outs = [ad.step(x) for x in batches(10, shift=0.9)]
     assert all(torch.isfinite(o.logits).all() for o in outs)
-    with torch.no_grad():  # a shifted input distribution: the default must not be the source model
-        assert not torch.allclose(outs[-1].logits, net(batches(4, shift=0.9)[-1]), atol=1e-3)
+    # a shifted input distribution: the default must not stay the source model. (This shift moves the mean
+    # about as far as it shrinks the variance, like a class subset would; without a class prior cb-stats'
+    # imbalance veto then keeps some layers from taking it for a new domain, and they follow it through
+    # their EMA over a few batches instead of at once.)
+    with torch.no_grad():
+        assert not torch.allclose(outs[-1].logits, net(batches(10, shift=0.9)[-1]), atol=1e-3)
 
 
 @pytest.mark.parametrize("spec", ["bn", "rbn", "unmix-tns+tent(lr=0.05)", "cb-stats", "source"])

@@ -90,8 +90,13 @@ def test_a_new_domain_restarts_the_ema_at_the_batch_when_the_slots_hold_a_class_
         lay.new_domain = True
         run(lay, x, torch.full((4,), 0.25), labels)
     assert torch.allclose(prior.ema_mean, bm, atol=1e-5)
-    # without a prior the batch's own weight decides; a balanced-looking batch is trusted
-    assert torch.allclose(bare.ema_mean, bm * (0.05 + 0.95 * 32 / 34), atol=1e-4)
+    # without a prior the batch's own weight decides, halved while the class structure is unknown (a
+    # pre-pass on the batch's own statistics makes any batch look balanced); imbalance_ratio=0: not halved
+    assert torch.allclose(bare.ema_mean, bm * (0.05 + 0.95 * 0.5 * 32 / 34), atol=1e-4)
+    plain = layer(imbalance_ratio=0.0)
+    plain.new_domain = True
+    run(plain, x, torch.full((4,), 0.25), labels)
+    assert torch.allclose(plain.ema_mean, bm * (0.05 + 0.95 * 32 / 34), atol=1e-4)
 
 
 def test_a_few_established_classes_correct_little():

@@ -2,9 +2,10 @@
 the labels its statistics are committed with, and class-conditional source statistics."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
+from torch import nn
 
 #: Which labels a pseudo-label norm commits its statistics with (see ``CompositeAdapter``).
 RELABEL = ("final", "prepass", "agree")
@@ -103,3 +104,15 @@ def class_conditional_stats(
             cm[c] = mean_i[sel].mean(0)
             cv[c] = var_i[sel].mean(0) + mean_i[sel].var(0, unbiased=False)
     return cm, cv
+
+
+def label_norms(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` that need a class mix and pseudo-labels."""
+    return [m for m in model.modules() if getattr(m, "needs_pseudo_labels", False)]
+
+
+def set_class_mix(layers: Iterable[nn.Module] | nn.Module, class_mix: torch.Tensor | None) -> None:
+    """Give every class-balanced layer the class mix of the next forward (``None``: stored marginal)."""
+    mods = label_norms(layers) if isinstance(layers, nn.Module) else list(layers)
+    for m in mods:
+        m.class_mix = class_mix

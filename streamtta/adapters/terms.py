@@ -62,6 +62,7 @@ TERMS: dict[str, TermInfo] = {
             "norm",
             {"alpha": float, "kappa": float, "shift_rate": float, "batch_kappa": float, "shift_factor": float,
              "reanchor": float, "offset_floor": float, "update_on_shift": bool, "prior_weight": float, "ema": float,
+             "imbalance_ratio": float,
              **LABEL_ARGS},
             {"cb_alpha": "alpha", "kappa": "kappa", "shift_rate": "shift_rate", "batch_kappa": "batch_kappa",
              "shift_factor": "shift_factor"},

@@ -29,7 +29,8 @@ from streamtta.adapters.norms.base import (
 from streamtta.adapters.norms.aligned import AlignedNorm, replace_sample_norms
 from streamtta.adapters.norms.bn_adapt import BatchStatsNorm
 from streamtta.adapters.class_mix import em_class_mix
-from streamtta.adapters.norms.class_balanced import ClassBalancedNorm, label_norms, set_class_mix
+from streamtta.adapters.class_mix import label_norms, set_class_mix
+from streamtta.adapters.norms.class_balanced import ClassBalancedNorm
 from streamtta.adapters.norms.rbn import RobustBatchNorm
 from streamtta.adapters.norms.unmix_tns import UnMixTNS
 
