@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", help="run the scenarios with this model instead of their own")
     p.add_argument("--samples-per-domain", type=int, help="shorter streams (smoke runs, tuning sweeps)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, help="draw the streams with this seed instead of the scenarios' own")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     fit = {"both": (True, False), "fit": (True,), "no-fit": (False,)}[a.fit]
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         update = {k: v for k, v in (("model", a.model), ("samples_per_domain", a.samples_per_domain)) if v}
         if update:
             sc = type(sc).model_validate({**sc.model_dump(), **update, "name": sc.name + (f".{a.model}" if a.model else "")})
-        rows += adapter_accuracy(sc, methods, fit=fit)
+        rows += adapter_accuracy(sc, methods, fit=fit, seed=a.seed)
     table = markdown(rows)
     print(table)
     if a.json:

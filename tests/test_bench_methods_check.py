@@ -26,10 +26,14 @@ def test_adaptbench_checks_every_spec_before_the_first_runs(monkeypatch, capsys)
     import streamtta.adaptbench as ab
 
     ran = []
-    monkeypatch.setattr(ab, "adapter_accuracy", lambda sc, methods, fit: ran.append(methods) or [])
+    seeds = []
+    monkeypatch.setattr(ab, "adapter_accuracy",
+                        lambda sc, methods, fit, seed: ran.append(methods) or seeds.append(seed) or [])
     with pytest.raises(SystemExit) as e:
         ab.main(["simulations/heldout/heldout-sensor-ln-noniid.toml", "--methods", "source,nosuch"])
     assert e.value.code == 2 and ran == [] and "unknown term 'nosuch'" in capsys.readouterr().err
     assert ab.main(["simulations/heldout/heldout-sensor-ln-noniid.toml", "--methods",
                     "tent,ema-stats,align(alpha=0.3,warmup=false)"]) == 0
-    assert ran == [["tent", "ema-stats", "align(alpha=0.3,warmup=false)"]]
+    assert ran == [["tent", "ema-stats", "align(alpha=0.3,warmup=false)"]] and seeds == [None]  # the scenario's own
+    assert ab.main(["simulations/heldout/heldout-sensor-ln-noniid.toml", "--methods", "source", "--seed", "2"]) == 0
+    assert seeds == [None, 2]

@@ -144,3 +144,19 @@ def test_an_old_state_missing_its_slots_is_reported_by_the_loader_not_a_key_erro
         layer().load_state_dict(state)
     with pytest.raises(RuntimeError, match="slot_means"):  # not an AttributeError from the EMA's start
         layer().load_state_dict({**state, "slot_means": [[0.0] * 3] * 4, "slot_vars": torch.ones(4, 3)})
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (16, 1, 6, 6)])
+def test_a_batch_whose_statistics_overflow_float32_leaves_outputs_and_state_finite(shape):
+    torch.manual_seed(0)
+    if len(shape) == 2:
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    else:
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    ad = build_adapter("default", net.eval(), 3)
+    for scale in (1e20, 1e30, 1.0, 1.0):  # the squares of 1e20 and 1e30 overflow float32
+        out = ad.step(torch.randn(*shape) * scale)
+        assert torch.isfinite(out.logits).all(), scale
+    for name, buf in ad.model.named_buffers():
+        assert not buf.is_floating_point() or torch.isfinite(buf).all(), name

@@ -83,8 +83,9 @@ def test_the_layer_vetoes_only_while_its_class_structure_is_unknown():
     assert not lay.structure_unknown()
     assert lay._test_shift(*instance_stats(one_class)) == shift_detected(
         *pooled_stats(*instance_stats(one_class)), lay.slot_means, lay.slot_vars)
-    with pytest.raises(ValueError, match="imbalance_ratio"):
-        layer(imbalance_ratio=-1.0)
+    for bad in (-1.0, float("nan")):  # NaN would switch the veto off silently
+        with pytest.raises(ValueError, match="imbalance_ratio"):
+            layer(imbalance_ratio=bad)
 
 
 @pytest.mark.parametrize("ratio, part", [(3.0, 0.5), (0.0, 1.0)])

@@ -1,5 +1,6 @@
 """Adapter-side support of the pseudo-label norms (``cb-stats``): the class mix of a batch,
-the labels its statistics are committed with, and class-conditional source statistics."""
+the labels its statistics are committed with, class-conditional source statistics, and finding
+those layers and handing them the class mix (:func:`label_norms`, :func:`set_class_mix`)."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence

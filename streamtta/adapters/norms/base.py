@@ -55,6 +55,21 @@ def pooled_stats(
     return mean, var
 
 
+def finite_copy_(*pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """``dst.copy_(src)`` for each ``(dst, src)`` pair (same shapes) where every ``src`` is finite; elsewhere
+    all ``dst`` keep their values, so a statistics update that overflowed (e.g. the variance of a 1e20 batch in
+    float32) neither poisons the state nor leaves a mean without its variance.
+
+    >>> m, v = torch.zeros(3), torch.ones(3)
+    >>> finite_copy_((m, torch.tensor([1.0, 2.0, 3.0])), (v, torch.tensor([4.0, float("inf"), 5.0])))
+    >>> m.tolist(), v.tolist()
+    ([1.0, 0.0, 3.0], [4.0, 1.0, 5.0])
+    """
+    ok = torch.stack([torch.isfinite(src) for _, src in pairs]).all(dim=0)
+    for dst, src in pairs:
+        dst.copy_(torch.where(ok, src, dst))
+
+
 def affine_normalize(
     x: torch.Tensor,
     mean: torch.Tensor,

@@ -46,12 +46,12 @@ the batch) gives probabilities ``p_b``; ``pi`` is their EM label-shift estimate 
 tests whether its input moved further from the stored marginal than any class explains (mean
 standardised mean shift > ``shift_factor`` x max(largest class offset, ``offset_floor``) + 0.05, or
 the same for the log-variance; :mod:`~streamtta.adapters.norms.shift_test`). While the class structure is
-unknown (mean ``W`` < 0.25: no class prior) a move that looks like a class imbalance of the same domain is
-not taken for a new domain (``imbalance_ratio``, 0 = off). A layer that detects
-such a new domain uses the batch's own statistics in the pre-pass, and at commit *re-anchors*
-its slots with the affine map that takes the stored marginal to the batch statistics (class
-structure kept; strength ``reanchor``) and skips the class update (labels of a domain's first
-batch are unreliable).
+unknown (mean ``W`` < 0.25: no class prior at ``prior_weight`` >= 0.25, few classes learned) a move that looks
+like a class imbalance of the same domain is not a new domain (``imbalance_ratio``; 0 = off, with the half
+EMA restart below). A layer that detects such a new domain uses the batch's own statistics in the pre-pass,
+and at commit *re-anchors* its slots with the affine map that takes the stored marginal to the batch
+statistics (class structure kept; strength ``reanchor``) and skips the class update (labels of a domain's
+first batch are unreliable).
 
 **Fallback statistics** (``ema`` > 0, default 0.05 in the ``cb-stats`` term): what the layer falls back
 on -- for the part ``1 - w`` of an untrusted batch, and in the pre-pass -- is the slots' marginal blended
@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamtta.adapters.norms.base import AdaptiveNorm, affine_normalize, instance_stats, pooled_stats
+from streamtta.adapters.norms.base import AdaptiveNorm, affine_normalize, finite_copy_, instance_stats, pooled_stats
 from streamtta.adapters.norms.shift_test import shift_detected
 
 #: Mean slot establishment below which the class structure counts as unknown (a class prior starts at 0.5).
@@ -151,7 +151,7 @@ class ClassBalancedNorm(AdaptiveNorm):
         if not 0.0 <= ema <= 1.0:
             raise ValueError(f"cb-stats ema must be in [0, 1], got {ema}")
         self.ema = float(ema)
-        if imbalance_ratio < 0:
+        if not imbalance_ratio >= 0:  # NaN too: it would switch the veto off silently
             raise ValueError(f"cb-stats imbalance_ratio must be >= 0, got {imbalance_ratio}")
         self.imbalance_ratio = float(imbalance_ratio)
         #: set by the adapter when the batch was found to start a new domain: the next commit first
@@ -250,6 +250,8 @@ class ClassBalancedNorm(AdaptiveNorm):
         bm, bv = pooled_stats(mean_i, var_i)
         v = bv / denom.clamp_min(1e-3)
         m = bm - (v + self.eps).sqrt() * o_pi
+        ok = torch.isfinite(m) & torch.isfinite(v)  # e.g. float32 overflow of a 1e20 batch: stored statistics
+        m, v = torch.where(ok, m, mS), torch.where(ok, v, vS)
         # the class imbalance of the batch can only be corrected for established slots: trust
         # the corrected batch statistics as far as the imbalance falls on established classes
         n = self.num_classes
@@ -265,8 +267,8 @@ class ClassBalancedNorm(AdaptiveNorm):
         return m, v
 
     def structure_unknown(self) -> bool:
-        """True while the slots' mean establishment is below :data:`UNKNOWN_STRUCTURE` (no class prior, few
-        classes learned): the imbalance veto is on and a new domain restarts the EMA half as far."""
+        """True while ``imbalance_ratio`` > 0 and the slots' mean establishment is below :data:`UNKNOWN_STRUCTURE`
+        (no class prior, few classes learned): the imbalance veto is on, a new domain restarts the EMA half as far."""
         return self.imbalance_ratio > 0 and float(self.slot_weight.mean()) < UNKNOWN_STRUCTURE
 
     @torch.no_grad()
@@ -358,8 +360,7 @@ class ClassBalancedNorm(AdaptiveNorm):
             if not self.update_on_shift:  # labels of a domain's first batch are unreliable
                 return
         Sm, Sv, W = self.updated_slots(mean_i, var_i, labels)
-        self.slot_means.copy_(Sm)
-        self.slot_vars.copy_(Sv.clamp_min(0.0))
+        finite_copy_((self.slot_means, Sm), (self.slot_vars, Sv.clamp_min(0.0)))  # overflow: kept as they were
         self.slot_weight.copy_(W)
 
     def _update_ema(self, mean_i: torch.Tensor, var_i: torch.Tensor) -> None:
@@ -373,8 +374,8 @@ class ClassBalancedNorm(AdaptiveNorm):
             a += (1 - a) * max(rel, self._batch_weight * (0.5 if self.structure_unknown() else 1.0))
         bm, bv = pooled_stats(mean_i, var_i)
         d = bm - self.ema_mean
-        self.ema_var.copy_((1 - a) * self.ema_var + a * bv + a * (1 - a) * d.pow(2))
-        self.ema_mean.add_(a * d)
+        finite_copy_((self.ema_var, (1 - a) * self.ema_var + a * bv + a * (1 - a) * d.pow(2)),
+                     (self.ema_mean, self.ema_mean + a * d))
 
     def _reanchor(self, mean_i: torch.Tensor, var_i: torch.Tensor) -> None:
         """Affine map of all slots taking their marginal to the batch statistics (class structure kept)."""
@@ -383,8 +384,8 @@ class ClassBalancedNorm(AdaptiveNorm):
         b = self.reanchor
         ratio = ((bv + self.eps) / (vS + self.eps)).pow(b)
         new_m = mS + b * (bm - mS)
-        self.slot_means.copy_(new_m + ratio.sqrt() * (self.slot_means - mS))
-        self.slot_vars.mul_(ratio)
+        finite_copy_((self.slot_means, new_m + ratio.sqrt() * (self.slot_means - mS)),
+                     (self.slot_vars, self.slot_vars * ratio.expand_as(self.slot_vars)))
 
     def _record(self, pending: tuple) -> None:
         # never applied without labels: immediate mode keeps the record for an explicit commit()
