@@ -5,6 +5,8 @@ clean source data. A library user who calls :func:`~streamtta.adapters.build_ada
 that never saw source data. This bench measures both ways on the same stream: every scenario's samples are
 rendered once, then each spec steps over them batch by batch (``scenario.batch_size``), reset at every
 domain when the scenario says so; the score is the accuracy on known classes of the pre-update predictions.
+``--fit synthetic`` builds the adapter with ``fit_source_free`` instead (a class prior synthesised from the
+model, no source data; see :mod:`streamtta.adapters.synthetic_prior`).
 
 Command line (the held-out table of the README)::
 
@@ -48,14 +50,18 @@ def render(scenario: Any, seed: int | None = None) -> tuple[np.ndarray, np.ndarr
 
 
 def run_spec(spec: str, model: torch.nn.Module, meta: Any, x: np.ndarray, y: np.ndarray, cuts: Sequence[int],
-             *, fit: bool, batch_size: int, reset_each_domain: bool, seed: int = 0) -> float:
-    """Known-class accuracy (%) of ``spec`` stepping over ``x`` (reset at ``cuts`` when asked)."""
+             *, fit: bool | str, batch_size: int, reset_each_domain: bool, seed: int = 0) -> float:
+    """Known-class accuracy (%) of ``spec`` stepping over ``x`` (reset at ``cuts`` when asked). ``fit``: True =
+    ``fit_source`` on the model's source data, ``"synthetic"`` = ``fit_source_free`` with the stream's first batch
+    (no source data; the adapter must have norm layers with source statistics), False = neither."""
     from streamtta.adapters import build_adapter
     from streamtta.models.data import load_source_train
 
     torch.manual_seed(seed)
     adapter = build_adapter(spec, model, len(meta.classes))
-    if fit:
+    if fit == "synthetic":
+        adapter.fit_source_free(torch.from_numpy(x[:batch_size]), seed=seed)
+    elif fit:
         xs, ys = load_source_train(meta, as_index=True)
         adapter.fit_source(xs, ys)
     index = {c: i for i, c in enumerate(meta.classes)}
@@ -74,7 +80,7 @@ def run_spec(spec: str, model: torch.nn.Module, meta: Any, x: np.ndarray, y: np.
     return round(100.0 * float(correct[known].mean()), 2)
 
 
-def adapter_accuracy(scenario: Any, methods: Iterable[str], *, fit: Iterable[bool] = (True, False),
+def adapter_accuracy(scenario: Any, methods: Iterable[str], *, fit: Iterable[bool | str] = (True, False),
                      seed: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """One row per ``(method, fit)`` on the scenario's stream (``source`` once: fitting changes nothing)."""
     from streamtta.models.registry import load_model
@@ -85,7 +91,7 @@ def adapter_accuracy(scenario: Any, methods: Iterable[str], *, fit: Iterable[boo
     for name in methods:
         spec = BASELINES.get(name, name)
         for f in fit:
-            if name == "source" and not f and True in fit:
+            if name == "source" and f is not True and True in fit:
                 continue
             t0 = time.perf_counter()
             acc = run_spec(spec, model, meta, x, y, cuts, fit=f, batch_size=scenario.batch_size,
@@ -98,12 +104,13 @@ def adapter_accuracy(scenario: Any, methods: Iterable[str], *, fit: Iterable[boo
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Scenarios as rows, ``method`` / ``method (no fit)`` as columns."""
+    """Scenarios as rows, ``method`` / ``method (no fit)`` / ``method (synthetic)`` as columns."""
     cols: list[tuple[str, bool]] = []
     for r in rows:
         if (r["method"], r["fit"]) not in cols:
             cols.append((r["method"], r["fit"]))
-    head = ["scenario"] + [m if f else f"{m} (no fit)" for m, f in cols]
+    head = ["scenario"] + [m if f is True else f"{m} ({'synthetic' if f == 'synthetic' else 'no fit'})"
+                           for m, f in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for sc in dict.fromkeys(r["scenario"] for r in rows):
         got = {(r["method"], r["fit"]): r["acc"] for r in rows if r["scenario"] == sc}
@@ -118,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("scenarios", nargs="+", help="scenario names or TOML files")
     p.add_argument("--methods", default="source,bn,tent,ema-stats,default",
                    help="specs; 'tent' = bn+tent, 'ema-stats' = rbn (RoTTA's EMA statistics)")
-    p.add_argument("--fit", default="both", choices=["both", "fit", "no-fit"])
+    p.add_argument("--fit", default="both", choices=["both", "fit", "no-fit", "synthetic", "all"],
+                   help="with fit_source, without, or with fit_source_free (synthetic; 'all': the three)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--model", help="run the scenarios with this model instead of their own")
@@ -127,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="draw the streams with this seed instead of the scenarios' own")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    fit = {"both": (True, False), "fit": (True,), "no-fit": (False,)}[a.fit]
+    fit = {"both": (True, False), "fit": (True,), "no-fit": (False,), "synthetic": ("synthetic",),
+           "all": (True, False, "synthetic")}[a.fit]
     methods = split_specs(a.methods)
     for m in methods:  # a typo in the last method stops before the first one runs
         try:

@@ -201,6 +201,38 @@ class SourceFitMixin:
         self._initial_state = self.state_dict()
         return prior, reference
 
+    def fit_source_free(self, example: torch.Tensor, *, per_class: int = 16, steps: int = 200, seed: int = 0,
+                        progress: bool = False) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
+        """:meth:`fit_source` without source data: on inputs synthesised from the source model
+        (:func:`~streamtta.adapters.synthetic_prior.synthesize_inputs`; ``example``: an unlabelled batch, e.g.
+        the stream's first, giving shape and scale). Opt-in (see that module for what it costs and gains).
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from streamtta.adapters import build_adapter
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> ad = build_adapter("cb-stats", net, num_classes=3)
+        >>> prior, _ = ad.fit_source_free(torch.randn(16, 4), per_class=4, steps=20)
+        >>> tuple(prior[0][0].shape), ad.model[1].slot_weight.tolist()
+        ((3, 8), [0.5, 0.5, 0.5])
+        """
+        from streamtta.adapters.synthetic_prior import synthesize_inputs
+
+        if isinstance(self.model, ScriptedModel):
+            raise TypeError("fit_source_free needs an eager model (TorchScript modules take no forward hooks)")
+
+        def source_forward(x: torch.Tensor) -> torch.Tensor:
+            with frozen_stats(self.model), source_stats(self.model):
+                out = torch.func.functional_call(self.model, self._source_params, (x,), strict=False)
+            if self._hook is not None:
+                self._hook.pop()
+            return out
+
+        x, y = synthesize_inputs(self.model, self.num_classes, example, per_class=per_class, steps=steps, seed=seed,
+                                 forward=source_forward, progress=progress)
+        return self.fit_source(x, y)
+
     def set_class_prior(self, prior: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Give the cb-stats layers (module order) class priors from :meth:`fit_class_prior`; they
         become part of the initial state."""
