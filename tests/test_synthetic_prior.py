@@ -52,6 +52,8 @@ def test_synthetic_inputs_are_classified_as_their_class_and_match_the_source_sta
     # the same seed gives the same inputs
     again, _ = synthesize_inputs(net, 3, x[:32], per_class=16, steps=200)
     assert torch.equal(again, xs)
+    other, _ = synthesize_inputs(net, 3, x[:32], per_class=16, steps=200, seed=1)
+    assert not torch.equal(other, xs)
 
 
 def test_the_synthetic_prior_separates_the_classes_like_the_real_one():
@@ -73,6 +75,20 @@ def test_the_synthetic_prior_separates_the_classes_like_the_real_one():
     torch.testing.assert_close(layer.weight, net[1].weight)
 
 
+def test_the_adapter_synthesises_through_the_source_model(monkeypatch):
+    net, x, _ = trained_net()
+    ad = build_adapter("cb-stats+tent", net, num_classes=3)
+    ad.step(x[:64] * 3 + 5)  # adapted away from the source: parameters and statistics
+    got = []
+    monkeypatch.setattr(ad, "fit_source", lambda xs, ys: got.append((xs, ys)) or ([], None))
+    ad.fit_source_free(x[:32], per_class=4, steps=50)
+    (xs, ys), = got
+    # the same inputs as a synthesis from the original (eval) model: source parameters and statistics
+    want, want_y = synthesize_inputs(net, 3, x[:32], per_class=4, steps=50)
+    torch.testing.assert_close(xs, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ys, want_y)
+
+
 def test_errors():
     net, x, _ = trained_net()
     with pytest.raises(ValueError, match="per_class"):
@@ -88,6 +104,24 @@ def test_errors():
     scripted = build_adapter("source", torch.jit.script(net), num_classes=3)
     with pytest.raises(TypeError, match="eager"):
         scripted.fit_source_free(x[:8])
+    with pytest.raises(ValueError, match="per_class"):
+        synthesize_inputs(net, 3, x[:8], per_class=2.5)
+    with pytest.raises(ValueError, match=r"logits of shape \(5, 3\), not \(B, 5\)"):
+        build_adapter("cb-stats", net, num_classes=5).fit_source_free(x[:8], per_class=1, steps=1)
+    # a training-mode BatchNorm would overwrite its running statistics with the synthetic batch's
+    net.train()
+    running = net[1].running_mean.clone()
+    with pytest.raises(ValueError, match="eval"):
+        synthesize_inputs(net, 3, x[:8], per_class=1, steps=1)
+    assert torch.equal(net[1].running_mean, running)
+
+
+def test_a_spec_with_nothing_to_fit_skips_the_synthesis(monkeypatch):
+    import streamtta.adapters.synthetic_prior as sp
+
+    net, x, _ = trained_net()
+    monkeypatch.setattr(sp, "synthesize_inputs", lambda *a, **k: pytest.fail("synthesised for nothing"))
+    assert build_adapter("bn", net, num_classes=3).fit_source_free(x[:8]) == ([], None)
 
 
 def test_on_real_digits_a_class_sorted_stream_gains_from_the_synthetic_prior():

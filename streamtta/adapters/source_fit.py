@@ -205,7 +205,9 @@ class SourceFitMixin:
                         progress: bool = False) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
         """:meth:`fit_source` without source data: on inputs synthesised from the source model
         (:func:`~streamtta.adapters.synthetic_prior.synthesize_inputs`; ``example``: an unlabelled batch, e.g.
-        the stream's first, giving shape and scale). Opt-in (see that module for what it costs and gains).
+        the stream's first, giving shape and scale). Opt-in (see that module for what it costs and gains). Like
+        ``fit_source`` it also calibrates the guards' reference (on the synthetic inputs); a spec with nothing to
+        fit (e.g. ``bn``) returns ``([], None)`` without synthesising.
 
         >>> import torch
         >>> from torch import nn
@@ -221,6 +223,10 @@ class SourceFitMixin:
 
         if isinstance(self.model, ScriptedModel):
             raise TypeError("fit_source_free needs an eager model (TorchScript modules take no forward hooks)")
+        if (not [m for m in self._label_layers if not isinstance(m, AlignedNorm)]
+                and not (self._reference_guards and self._first_norm is not None)
+                and not any(isinstance(m, AlignedNorm) for m in self.model.modules())):
+            return [], None  # nothing fit_source would fit: skip the synthesis
 
         def source_forward(x: torch.Tensor) -> torch.Tensor:
             with frozen_stats(self.model), source_stats(self.model):

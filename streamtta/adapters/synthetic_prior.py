@@ -68,15 +68,19 @@ def synthesize_inputs(
     """``(x, y)``: ``per_class`` inputs per class that the source ``model`` takes for class ``y`` and whose
     batch reproduces its norm layers' source statistics (see the module docstring). ``example``: a batch
     giving the input shape and per-channel scale. ``forward`` runs the source model (default: ``model``
-    itself, which must then normalise with its source statistics, e.g. ``eval()`` BatchNorm)."""
+    itself, which must then normalise with its source statistics: ``eval()`` BatchNorm; a BatchNorm in training
+    mode is refused). The model must return ``(B, num_classes)`` logits."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("a synthetic class prior needs an eager model (TorchScript modules take no forward hooks)")
-    if per_class < 1 or steps < 1 or num_classes < 2:
-        raise ValueError(f"need per_class >= 1, steps >= 1 and num_classes >= 2, got {per_class}, {steps}, "
+    if any(int(v) != v for v in (per_class, steps, num_classes)) or per_class < 1 or steps < 1 or num_classes < 2:
+        raise ValueError(f"need integers per_class >= 1, steps >= 1 and num_classes >= 2, got {per_class}, {steps}, "
                          f"{num_classes}")
     norms = [m for m in model.modules() if source_norm_stats(m) is not None]
     if not norms:
         raise ValueError("the model has no norm layer with source statistics (BatchNorm) to match")
+    if forward is None and any(m.training for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        raise ValueError("a BatchNorm in training mode would normalise with the synthetic batch and overwrite its "
+                         "running statistics: call model.eval() first")
     example = torch.as_tensor(example, dtype=torch.float32)
     if example.dim() < 2 or example.shape[0] < 2 or not torch.isfinite(example).all():
         raise ValueError(f"example must be a finite batch of >= 2 inputs, got shape {tuple(example.shape)}")
@@ -85,7 +89,7 @@ def synthesize_inputs(
     mu = example.mean(dims, keepdim=True).to(dev)
     sd = example.std(dims, keepdim=True).clamp_min(1e-3).to(dev)
     gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(num_classes).repeat_interleave(per_class).to(dev)
+    y = torch.arange(int(num_classes)).repeat_interleave(int(per_class)).to(dev)
     z = torch.randn((len(y), *example.shape[1:]), generator=gen).to(dev).requires_grad_(True)
     terms: list[torch.Tensor] = []
 
@@ -102,9 +106,12 @@ def synthesize_inputs(
     handles = [m.register_forward_pre_hook(match) for m in norms]
     try:
         with torch.enable_grad(), progress_bar(steps, "synthetic class prior", enabled=progress) as advance:
-            for _ in range(steps):
+            for _ in range(int(steps)):
                 terms.clear()
-                loss = F.cross_entropy(run(mu + sd * z), y) + sum(terms)
+                logits = run(mu + sd * z)
+                if logits.dim() != 2 or logits.shape[1] != num_classes:
+                    raise ValueError(f"the model returns logits of shape {tuple(logits.shape)}, not (B, {num_classes})")
+                loss = F.cross_entropy(logits, y) + sum(terms)
                 opt.zero_grad(set_to_none=True)
                 (grad,) = torch.autograd.grad(loss, [z])
                 z.grad = grad
