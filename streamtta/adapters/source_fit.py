@@ -147,6 +147,13 @@ class SourceFitMixin:
         """
         return self.fit_source(x, y, batch_size=batch_size, guards=False)[0]
 
+    def _fit_targets(self, labelled: bool, guards: bool) -> tuple[list[nn.Module], list[Any], list[nn.Module]]:
+        """What :meth:`fit_source` fits: the cb-stats layers (given labels), the guards taking a source reference
+        (when ``guards``) and the ``align`` layers."""
+        layers = [m for m in self._label_layers if not isinstance(m, AlignedNorm)] if labelled else []
+        ref_guards = self._reference_guards if guards and self._first_norm is not None else []
+        return layers, ref_guards, [m for m in self.model.modules() if isinstance(m, AlignedNorm)]
+
     @torch.no_grad()
     def fit_source(self, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 256,
                    guards: bool = True) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
@@ -157,9 +164,7 @@ class SourceFitMixin:
         part of the initial state. Returns ``(prior, reference)`` for :meth:`set_class_prior` and
         :meth:`set_guard_reference` on other adapters of the same model.
         """
-        layers = [m for m in self._label_layers if not isinstance(m, AlignedNorm)] if y is not None else []
-        ref_guards = self._reference_guards if guards and self._first_norm is not None else []
-        aligned = [m for m in self.model.modules() if isinstance(m, AlignedNorm)]
+        layers, ref_guards, aligned = self._fit_targets(y is not None, guards)
         if layers:
             y = torch.as_tensor(y).long().reshape(-1)
             if len(y) != len(x):
@@ -223,9 +228,7 @@ class SourceFitMixin:
 
         if isinstance(self.model, ScriptedModel):
             raise TypeError("fit_source_free needs an eager model (TorchScript modules take no forward hooks)")
-        if (not [m for m in self._label_layers if not isinstance(m, AlignedNorm)]
-                and not (self._reference_guards and self._first_norm is not None)
-                and not any(isinstance(m, AlignedNorm) for m in self.model.modules())):
+        if not any(self._fit_targets(True, True)):
             return [], None  # nothing fit_source would fit: skip the synthesis
 
         def source_forward(x: torch.Tensor) -> torch.Tensor:

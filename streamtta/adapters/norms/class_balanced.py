@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamtta.adapters.norms.base import AdaptiveNorm, affine_normalize, finite_copy_, instance_stats, pooled_stats
-from streamtta.adapters.norms.shift_test import shift_detected
+from streamtta.adapters.norms.shift_test import class_balanced_marginal, shift_detected
 
 #: Mean slot establishment below which the class structure counts as unknown (a class prior starts at 0.5).
 UNKNOWN_STRUCTURE = 0.25
@@ -210,8 +210,7 @@ class ClassBalancedNorm(AdaptiveNorm):
     @staticmethod
     def marginal(means: torch.Tensor, vars_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class-balanced ``(mean, var)`` of slots ``(N, C)`` (uniform class prior)."""
-        m = means.mean(dim=0)
-        return m, vars_.mean(dim=0) + (means - m).pow(2).mean(dim=0)
+        return class_balanced_marginal(means, vars_)
 
     def stored(self, marginal: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The statistics a batch falls back on: the slots' marginal (given, or computed here), blended with

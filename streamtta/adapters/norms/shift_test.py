@@ -46,6 +46,12 @@ GROWTH_TOLERANCE = 0.1
 BALANCE_SLACK = 0.05
 
 
+def class_balanced_marginal(means: torch.Tensor, vars_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced ``(mean, var)`` of per-class statistics ``(N, C)`` (uniform class prior)."""
+    m = means.mean(dim=0)
+    return m, vars_.mean(dim=0) + (means - m).pow(2).mean(dim=0)
+
+
 def imbalance_signature(bm: torch.Tensor, bv: torch.Tensor, mS: torch.Tensor, vS: torch.Tensor,
                         eps: float = 1e-5) -> tuple[float, float, float]:
     """``(s, d, g)`` of the module docstring: the batch's squared standardised mean shift, variance deficit
@@ -63,8 +69,7 @@ def shift_detected(bm: torch.Tensor, bv: torch.Tensor, slot_means: torch.Tensor,
     """True when the batch statistics ``(bm, bv)`` moved further from the slots' marginal than any class
     explains (the distance test), unless ``imbalance_ratio`` > 0 and the move looks like a class imbalance of
     the same domain (the veto); see the module docstring."""
-    m = slot_means.mean(dim=0)
-    v = slot_vars.mean(dim=0) + (slot_means - m).pow(2).mean(dim=0)
+    m, v = class_balanced_marginal(slot_means, slot_vars)
     sd = (v + eps).sqrt()
     z = float(((bm - m) / sd).abs().mean())
     r = float(torch.log((bv + eps) / (v + eps)).abs().mean())
