@@ -52,7 +52,8 @@ def render(scenario: Any, seed: int | None = None) -> tuple[np.ndarray, np.ndarr
 def run_spec(spec: str, model: torch.nn.Module, meta: Any, x: np.ndarray, y: np.ndarray, cuts: Sequence[int],
              *, fit: bool | str, batch_size: int, reset_each_domain: bool, seed: int = 0) -> float:
     """Known-class accuracy (%) of ``spec`` stepping over ``x`` (reset at ``cuts`` when asked). ``fit``: True =
-    ``fit_source`` on the model's source data, ``"synthetic"`` = ``fit_source_free`` with the stream's first batch
+    ``fit_source`` on the model's source data, ``"predicted"`` = the same without their labels (the source model's
+    predictions stand in), ``"synthetic"`` = ``fit_source_free`` with the stream's first batch
     (no source data; the adapter must have norm layers with source statistics), False = neither."""
     from streamtta.adapters import build_adapter
     from streamtta.models.data import load_source_train
@@ -63,7 +64,7 @@ def run_spec(spec: str, model: torch.nn.Module, meta: Any, x: np.ndarray, y: np.
         adapter.fit_source_free(torch.from_numpy(x[:batch_size]), seed=seed)
     elif fit:
         xs, ys = load_source_train(meta, as_index=True)
-        adapter.fit_source(xs, ys)
+        adapter.fit_source(xs, "predicted" if fit == "predicted" else ys)
     index = {c: i for i, c in enumerate(meta.classes)}
     target = np.asarray([index.get(int(v), -1) for v in y])
     bounds = [0, *(cuts if reset_each_domain else []), len(x)]
@@ -104,13 +105,12 @@ def adapter_accuracy(scenario: Any, methods: Iterable[str], *, fit: Iterable[boo
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Scenarios as rows, ``method`` / ``method (no fit)`` / ``method (synthetic)`` as columns."""
+    """Scenarios as rows, ``method`` / ``method (no fit)`` / ``method (predicted)`` / ``method (synthetic)`` as columns."""
     cols: list[tuple[str, bool]] = []
     for r in rows:
         if (r["method"], r["fit"]) not in cols:
             cols.append((r["method"], r["fit"]))
-    head = ["scenario"] + [m if f is True else f"{m} ({'synthetic' if f == 'synthetic' else 'no fit'})"
-                           for m, f in cols]
+    head = ["scenario"] + [m if f is True else f"{m} ({f if isinstance(f, str) else 'no fit'})" for m, f in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for sc in dict.fromkeys(r["scenario"] for r in rows):
         got = {(r["method"], r["fit"]): r["acc"] for r in rows if r["scenario"] == sc}
@@ -125,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("scenarios", nargs="+", help="scenario names or TOML files")
     p.add_argument("--methods", default="source,bn,tent,ema-stats,default",
                    help="specs; 'tent' = bn+tent, 'ema-stats' = rbn (RoTTA's EMA statistics)")
-    p.add_argument("--fit", default="both", choices=["both", "fit", "no-fit", "synthetic", "all"],
-                   help="with fit_source, without, or with fit_source_free (synthetic; 'all': the three)")
+    p.add_argument("--fit", default="both", choices=["both", "fit", "no-fit", "predicted", "synthetic", "all"],
+                   help="with fit_source, without, with fit_source on unlabelled source data (predicted), or with "
+                        "fit_source_free (synthetic; 'all': the four)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--model", help="run the scenarios with this model instead of their own")
@@ -135,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="draw the streams with this seed instead of the scenarios' own")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    fit = {"both": (True, False), "fit": (True,), "no-fit": (False,), "synthetic": ("synthetic",),
-           "all": (True, False, "synthetic")}[a.fit]
+    fit = {"both": (True, False), "fit": (True,), "no-fit": (False,), "predicted": ("predicted",),
+           "synthetic": ("synthetic",), "all": (True, False, "predicted", "synthetic")}[a.fit]
     methods = split_specs(a.methods)
     for m in methods:  # a typo in the last method stops before the first one runs
         try:

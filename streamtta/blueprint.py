@@ -223,12 +223,14 @@ class Blueprint:
         if hasattr(adapter, "fit_source") and self._train is not None:
             # one source pass: cb-stats class prior and source-fallback's reference, cached for later adapters
             x, y = self._train
-            with_prior = (self.cfg.adapter.class_prior and y is not None
-                          and bool(getattr(adapter, "_label_layers", None)))
+            with_prior = self.cfg.adapter.class_prior and bool(getattr(adapter, "_label_layers", None))
             if self._source_fit is None:
-                # the adapter's source pass feeds its model the data as given: on its device (all at once)
+                # the adapter's source pass feeds its model the data as given: on its device (all at once);
+                # unlabelled source data: the source model's predictions stand in for the class prior's labels
                 xt = to_device(torch.as_tensor(np.asarray(x), dtype=torch.float32), self.device)
-                labels = to_device(self.class_indices(y), self.device) if with_prior else None
+                labels: Any = None
+                if with_prior:
+                    labels = "predicted" if y is None else to_device(self.class_indices(y), self.device)
                 self._source_fit = adapter.fit_source(xt, labels)
             else:
                 prior, reference = self._source_fit

@@ -146,3 +146,46 @@ def test_fit_source_takes_prior_and_guard_reference_from_one_pass():
         assert torch.equal(m1, m2) and torch.equal(v1, v2)
     assert both.fit_source(x, None) == ([], reference)  # no labels: the guard reference alone
     assert build_adapter("source", net, num_classes=3).fit_source(x, y) == ([], None)
+
+
+def test_unlabelled_source_data_give_the_prior_of_the_source_models_own_predictions():
+    net, x, _ = toy()
+    with torch.no_grad():
+        predicted = net(x).argmax(1)
+    ad = build_adapter("cb-stats+source-fallback", net, num_classes=3)
+    calls = []
+    inner = ad._exact_source_forward
+    ad._exact_source_forward = lambda b: calls.append(len(b)) or inner(b)
+    prior, reference = ad.fit_source(x, "predicted", batch_size=16)
+    assert calls == [16, 14]  # the labels come from the same pass
+    labelled = build_adapter("cb-stats+source-fallback", net, num_classes=3)
+    want, want_ref = labelled.fit_source(x, predicted, batch_size=16)
+    assert reference == want_ref and len(prior) == len(want) == 1
+    for (m1, v1), (m2, v2) in zip(prior, want):
+        assert torch.equal(m1, m2) and torch.equal(v1, v2)
+    assert build_adapter("bn", net, num_classes=3).fit_source(x, "predicted") == ([], None)
+    with pytest.raises(ValueError, match="'predicted'"):
+        ad.fit_source(x, "guess")
+
+
+def test_pipeline_fit_source_without_labels_starts_from_the_predicted_prior():
+    """A user with clean but unlabelled source data (``pipe.fit_source(x)``) still gets a class prior."""
+    from streamtta import Pipeline
+
+    net, x, _ = toy()
+    x = torch.cat([x] * 2)
+    pipe = Pipeline(net, num_classes=3).fit_source(x.numpy())
+    layers = [m for m in pipe.blueprint.new_adapter().model.modules() if isinstance(m, ClassBalancedNorm)]
+    assert layers and all(float(m.slot_weight.min()) == m.prior_weight for m in layers)
+    # the prior is the one of the predictions on the source data the blueprint kept (the hold-out is set aside)
+    kept = torch.as_tensor(pipe.blueprint._train[0])
+    ref = build_adapter("cb-stats", net, num_classes=3)
+    with torch.no_grad():
+        ref.fit_source(kept, net(kept).argmax(1))
+    want = next(m for m in ref.model.modules() if isinstance(m, ClassBalancedNorm))
+    torch.testing.assert_close(layers[0].slot_means, want.slot_means)
+    off = Pipeline(net, num_classes=3)
+    off.blueprint.cfg.adapter.class_prior = False
+    off.fit_source(x.numpy())
+    assert all(float(m.slot_weight.max()) == 0.0
+               for m in off.blueprint.new_adapter().model.modules() if isinstance(m, ClassBalancedNorm))

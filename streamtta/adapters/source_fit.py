@@ -155,7 +155,7 @@ class SourceFitMixin:
         return layers, ref_guards, [m for m in self.model.modules() if isinstance(m, AlignedNorm)]
 
     @torch.no_grad()
-    def fit_source(self, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 256,
+    def fit_source(self, x: torch.Tensor, y: torch.Tensor | str | None = None, *, batch_size: int = 256,
                    guards: bool = True) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float | None]:
         """One pass of clean source inputs ``x`` through the source model for everything the adapter
         takes from source data: the class prior of :meth:`fit_class_prior` (when labels ``y`` are
@@ -163,9 +163,16 @@ class SourceFitMixin:
         statistics of ``align`` layers. Both become
         part of the initial state. Returns ``(prior, reference)`` for :meth:`set_class_prior` and
         :meth:`set_guard_reference` on other adapters of the same model.
+
+        ``y="predicted"``: clean source data without labels; the source model's own predictions in the same pass
+        stand in for the labels of the class prior (on its clean data a source model is near its training
+        accuracy, so the prior is nearly the labelled one; README, "A class prior without labels").
         """
+        predicted = isinstance(y, str)
+        if predicted and y != "predicted":
+            raise ValueError(f"y must be labels, None or 'predicted', got {y!r}")
         layers, ref_guards, aligned = self._fit_targets(y is not None, guards)
-        if layers:
+        if layers and not predicted:
             y = torch.as_tensor(y).long().reshape(-1)
             if len(y) != len(x):
                 raise ValueError(f"x has {len(x)} samples but y has {len(y)} labels")
@@ -184,14 +191,19 @@ class SourceFitMixin:
             handles.append(register_source_distance_hook(self._first_norm, dists))
         for m in aligned:  # "align": the source statistics of the LayerNorm / GroupNorm outputs
             m.start_recording()
+        votes: list[torch.Tensor] = []
         try:
             for i in range(0, len(x), batch_size):
-                self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32).to(dev))
+                logits = self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32).to(dev))
+                if layers and predicted:
+                    votes.append(logits.argmax(dim=1))
         finally:
             for h in handles:
                 h.remove()
             for m in aligned:
                 m.finish_recording()
+        if layers and predicted:
+            y = torch.cat(votes)
         prior = []
         for m in layers:
             cm, cv = class_conditional_stats(m, seen[id(m)], y.to(dev), self.num_classes)

@@ -90,8 +90,9 @@ class AdapterConfig(Section):
                                              "'default' resolves per model: cb-stats+source-fallback with "
                                              "BatchNorm, align with LayerNorm/GroupNorm, else source.")
     options: dict[str, Any] = Field(default_factory=dict, description="Overrides passed to build_adapter (lr, K, ...).")
-    class_prior: bool = Field(True, description="Start class-statistics norms (cb-stats) from the source data's "
-                                                "class statistics (needs a model with streamtta metadata).")
+    class_prior: bool = Field(True, description="Start class-statistics norms (cb-stats) from the class statistics "
+                                                "of the source data (a built-in model's own, or the calibration "
+                                                "data; without labels the source model's predictions stand in).")
 
 
 class ScorerConfig(Section):
