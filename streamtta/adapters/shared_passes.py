@@ -14,7 +14,7 @@ statistics and parameters) whose logits ``source-fallback`` may return. Three wa
   The pre-pass normalises each sample with stored statistics (but for layers whose shift test fires:
   they take the probe samples' own), so a sample's pre-pass logits hardly depend on the rest of the
   batch: mainly the estimate gets noisier. Needs ``relabel="final"``.
-* ``source-fallback(probe=k)`` (guard option): the source model, which has no batch dependence,
+* ``source-fallback(probe=k)`` (guard option, default 16; 0 = off): the source model, which has no batch dependence,
   runs on ``k`` evenly spaced probe samples; only when their agreement with the adapted predictions
   says the batch rule may fire (:meth:`~streamtta.adapters.guards.source_fallback.SourceFallback.may_fire`)
   does it run on the rest; otherwise only on the samples the per-sample rules pick, whose distances
