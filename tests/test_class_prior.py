@@ -189,3 +189,31 @@ def test_pipeline_fit_source_without_labels_starts_from_the_predicted_prior():
     off.fit_source(x.numpy())
     assert all(float(m.slot_weight.max()) == 0.0
                for m in off.blueprint.new_adapter().model.modules() if isinstance(m, ClassBalancedNorm))
+
+
+def test_predicted_prior_refuses_outputs_that_are_not_the_classes_logits():
+    """Review: a tuple-returning model crashed with AttributeError, and with num_classes below the logits' width
+    the predictions of the other classes were dropped silently; both now say what the model must return."""
+    net, x, _ = toy()
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x), x
+
+    with pytest.raises(ValueError, match=r"\(B, 3\) logits, got tuple"):
+        build_adapter("cb-stats", Pair().eval(), num_classes=3).fit_source(x, "predicted")
+    with pytest.raises(ValueError, match=r"\(B, 2\) logits, got \(16, 3\)"):
+        build_adapter("cb-stats", net, num_classes=2).fit_source(x, "predicted", batch_size=16)
+    # a model that predicts some classes only: the others (fewer than two votes) keep the source statistics
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.tensor([0.0, -1e4, 1e4]))  # every sample votes for class 2
+    ad = build_adapter("cb-stats", net, num_classes=3)
+    (means, variances), = ad.fit_source(x, "predicted")[0]
+    layer = next(m for m in ad.model.modules() if isinstance(m, ClassBalancedNorm))
+    assert torch.isfinite(means).all() and torch.isfinite(variances).all()
+    assert torch.equal(means[0], layer.source_mean) and torch.equal(means[1], layer.source_mean)
+    assert not torch.equal(means[2], layer.source_mean)

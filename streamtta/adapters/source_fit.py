@@ -166,7 +166,16 @@ class SourceFitMixin:
 
         ``y="predicted"``: clean source data without labels; the source model's own predictions in the same pass
         stand in for the labels of the class prior (on its clean data a source model is near its training
-        accuracy, so the prior is nearly the labelled one; README, "A class prior without labels").
+        accuracy, so the prior is nearly the labelled one; README, "A class prior without labels"). The model must
+        then return ``(B, num_classes)`` logits (else ``ValueError``).
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from streamtta.adapters import build_adapter
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> prior, _ = build_adapter("cb-stats", net, num_classes=3).fit_source(torch.randn(60, 4), "predicted")
+        >>> len(prior), tuple(prior[0][0].shape)
+        (1, (3, 8))
         """
         predicted = isinstance(y, str)
         if predicted and y != "predicted":
@@ -196,6 +205,10 @@ class SourceFitMixin:
             for i in range(0, len(x), batch_size):
                 logits = self._exact_source_forward(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32).to(dev))
                 if layers and predicted:
+                    ok = isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == self.num_classes
+                    if not ok:
+                        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                        raise ValueError(f"y='predicted' needs the model's (B, {self.num_classes}) logits, got {got}")
                     votes.append(logits.argmax(dim=1))
         finally:
             for h in handles:
