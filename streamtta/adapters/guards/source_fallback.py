@@ -26,8 +26,8 @@ Costs up to one extra forward pass without gradients. With ``probe=k`` (default 
 batch) the adapter runs the source model on ``k`` probe samples, on the rest of the batch only when the
 probe says the batch rule may fire (:meth:`SourceFallback.may_fire`), and otherwise only on the samples the
 per-sample rules pick (see :mod:`streamtta.adapters.shared_passes`; only when the first norm layer is
-``cb-stats``, else the whole batch runs). On the tuning and held-out streams ``probe=16`` returned the same
-predictions as ``probe=0`` (README, "Compute cost").
+``cb-stats``, else the whole batch runs). On the tuning and held-out streams ``probe=16`` scored the same accuracy
+as ``probe=0`` (README, "Compute cost").
 
 >>> import torch
 >>> g = SourceFallback(agreement=0.75)
