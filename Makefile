@@ -48,6 +48,8 @@ checkpoints: $(STAMP)
 	for r in digits-cnn digits-cnn-gn digits-cnn-ln; do \
 		$(VENV)/bin/streamtta train-source --dataset digits --recipe $$r --seed 1 --out streamtta/models/checkpoints/$$r.pt; done
 	$(VENV)/bin/streamtta train-source --dataset segment --recipe segment-mlp-ln --seed 1 --out streamtta/models/checkpoints/segment-mlp-ln.pt
+	# the held-out digits CNN's meta-initialisation (for the meta restart on heldout-digits-cnn-long)
+	$(VENV)/bin/streamtta meta-train --model digits-cnn --seed 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs .streamtta

@@ -171,9 +171,18 @@ class Blueprint:
         self.base_readapter: Any | None = None
         if cfg.monitor.readapt:
             from streamtta.readapt import ReAdapter, load_meta_init
+            from streamtta.readapt.meta_init import default_restart_init
 
             opts = {"hold_batches": cfg.monitor.hold_batches, **cfg.monitor.readapt_options}
-            meta_init = load_meta_init(cfg.model.source or "digits-resnet") if opts.get("restart", False) else None
+            if "restart" in opts:
+                meta_init = load_meta_init(cfg.model.source or "digits-resnet") if opts["restart"] else None
+            else:  # unset: on for gradient specs that have a meta-initialisation (default_restart_init)
+                meta_init = default_restart_init(self.spec, cfg.model.source, model)
+                opts["restart"] = meta_init is not None
+                if meta_init is not None:
+                    logging.getLogger("streamtta").info(
+                        "meta restart on by default for the gradient spec %r (readapt_options.restart=false "
+                        "turns it off)", self.spec)
             try:
                 self.base_readapter = ReAdapter(meta_init, **opts)
             except (TypeError, ValueError) as e:

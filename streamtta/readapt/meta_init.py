@@ -74,3 +74,42 @@ def load_meta_init(source: str | Path, map_location: str | torch.device = "cpu")
     if params is None:
         raise ValueError(f"{path} is not a streamtta meta-initialisation file")
     return params
+
+
+#: guards that pull the adapted parameters back to the source ones: with them the restart is not on by default
+SOURCE_ANCHORS = frozenset({"ema-source"})
+
+
+def default_restart_init(spec: str, source: str | Path | None, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The meta-initialisation the meta restart gets when ``readapt_options`` leaves ``restart`` unset, or None
+    (restart off). On for a spec that takes gradient steps (an objective such as ``tent`` or ``eata``) without
+    a guard that anchors the parameters to the source ones (``ema-source``), when the model is named
+    (``model.source``) and a meta-initialisation for it exists that names some of ``model``'s adaptable
+    parameters. Measured on the long tuning stream (README, "Meta restart by default"): the restart helped
+    ``bn+tent`` and ``eata`` and cost ``cb-stats+tent+conf-drop+ema-source`` a little; a gradient-free spec
+    has no parameters that carry the previous domain.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    >>> default_restart_init("default", "digits-resnet", net) is None     # gradient-free: off
+    True
+    >>> default_restart_init("bn+tent", None, net) is None                 # no named model: no meta-init to trust
+    True
+    """
+    from streamtta.adapters.grammar import SpecError, parse_spec
+    from streamtta.readapt.params import adaptable_parameter_names
+
+    try:
+        parsed = parse_spec(spec)
+    except SpecError:
+        return None
+    if parsed.objective is None or any(g.name in SOURCE_ANCHORS for g in parsed.guards) or source is None:
+        return None
+    try:
+        init = load_meta_init(source)
+    except (OSError, ValueError):
+        return None
+    shapes = dict(model.named_parameters())
+    usable = [n for n in adaptable_parameter_names(model)
+              if n in init and n in shapes and tuple(init[n].shape) == tuple(shapes[n].shape)]
+    return init if usable else None

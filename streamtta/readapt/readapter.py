@@ -7,7 +7,8 @@
   before and after the change point, and those outputs are reported (:meth:`ReAdapter.reprocess`).
   Statistics of a batch that straddles two domains fit neither part; it is the batch a shift costs
   most on, and no monitor can confirm a shift before it has been seen;
-* **meta restart** (``restart``, opt-in, as published): it keeps a bounded buffer of recent
+* **meta restart** (``restart``; the engine turns it on by default for gradient specs, see
+  :func:`~streamtta.readapt.meta_init.default_restart_init`): it keeps a bounded buffer of recent
   ID-accepted inputs, snapshots the adapter's parameters, restarts them from ``theta*``, takes a few
   entropy (+ diversity) steps on the post-shift part of the buffer, re-fits the scorer
   (prototypes/means and threshold) and resets the shift monitor's references; it rolls back to the
@@ -17,9 +18,8 @@
 The hold window lives here too: a pipeline keeps each batch's result for ``hold_batches`` more
 batches (:attr:`ReAdapter.hold`), with the adapter state from before it (:meth:`ReAdapter.pre_state`),
 and once a shift is confirmed calls :meth:`ReAdapter.reprocess_held` on the held results and the
-current one: the results of the batches stepped on again get the new outputs in place. The meta restart
-is off by default (README, "Open set": it targets gradient adapters, whose parameters carry the
-previous domain).
+current one: the results of the batches stepped on again get the new outputs in place. ``ReAdapter`` defaults
+to ``restart=False``; when to turn it on is the engine's choice (README, "Meta restart by default").
 """
 from __future__ import annotations
 
