@@ -174,10 +174,17 @@ class Blueprint:
             from streamtta.readapt.meta_init import default_restart_init
 
             opts = {"hold_batches": cfg.monitor.hold_batches, **cfg.monitor.readapt_options}
-            if "restart" in opts:
-                meta_init = load_meta_init(cfg.model.source or "digits-resnet") if opts["restart"] else None
-            else:  # unset: on for gradient specs that have a meta-initialisation (default_restart_init)
-                meta_init = default_restart_init(self.spec, cfg.model.source, model)
+            if "restart" in opts:  # the model's own meta-init (a built-in passed as a module: its metadata name)
+                named = cfg.model.source or (meta.name if meta is not None else None)
+                if opts["restart"] and named is None:
+                    raise ValueError("monitor.readapt_options.restart=true needs a meta-initialisation: set "
+                                     "model.source to a model that has one (streamtta meta-train)")
+                meta_init = load_meta_init(named) if opts["restart"] else None
+            else:  # unset: on for gradient specs that have a meta-initialisation (default_restart_init);
+                # weights from model.state_dict are not the ones the checkpoint's meta-init was learned for, and
+                # one state per stream id would keep one restart buffer per id (engine.max_states of them)
+                own = cfg.model.state_dict is None and cfg.engine.state_key != "stream_id"
+                meta_init = default_restart_init(self.spec, cfg.model.source if own else None, model)
                 opts["restart"] = meta_init is not None
                 if meta_init is not None:
                     logging.getLogger("streamtta").info(

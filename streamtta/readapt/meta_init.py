@@ -84,7 +84,8 @@ def default_restart_init(spec: str, source: str | Path | None, model: torch.nn.M
     """The meta-initialisation the meta restart gets when ``readapt_options`` leaves ``restart`` unset, or None
     (restart off). On for a spec that takes gradient steps (an objective such as ``tent`` or ``eata``) without
     a guard that anchors the parameters to the source ones (``ema-source``), when the model is named
-    (``model.source``) and a meta-initialisation for it exists that names some of ``model``'s adaptable
+    (``model.source``: a built-in name or a checkpoint file, not a ``module:factory``) and a meta-initialisation
+    for it exists next to its checkpoint (:func:`meta_init_path`) that names some of ``model``'s adaptable
     parameters. Measured on the long tuning stream (README, "Meta restart by default"): the restart helped
     ``bn+tent`` and ``eata`` and cost ``cb-stats+tent+conf-drop+ema-source`` a little; a gradient-free spec
     has no parameters that carry the previous domain.
@@ -105,8 +106,11 @@ def default_restart_init(spec: str, source: str | Path | None, model: torch.nn.M
         return None
     if parsed.objective is None or any(g.name in SOURCE_ANCHORS for g in parsed.guards) or source is None:
         return None
-    try:
-        init = load_meta_init(source)
+    try:  # only the file next to the checkpoint: the checkpoint itself is never read again here
+        checkpoint = resolve_checkpoint(source)
+        if not checkpoint.is_file():  # a 'module:factory' has no checkpoint file to look next to
+            return None
+        init = load_meta_init(meta_init_path(checkpoint))
     except (OSError, ValueError):
         return None
     shapes = dict(model.named_parameters())
