@@ -56,6 +56,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import signal
 import socket
 import subprocess
@@ -105,6 +106,29 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 
 _live: "weakref.WeakSet[EmbeddedBroker]" = weakref.WeakSet()
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the Linux kernel send the broker SIGTERM when the process that started it
+    dies, however it dies (SIGKILL, or a SIGTERM that skips the atexit hook, e.g. of a test runner); None
+    elsewhere, or off the main thread (the signal follows the *thread* that forked: a worker thread's exit
+    would stop the broker under the engine)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up now: the child only calls it
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call: nobody will stop us
+            os._exit(1)
+
+    return preexec
 
 
 @atexit.register
@@ -215,9 +239,10 @@ class EmbeddedBroker:
         try:
             # own session: a terminal's Ctrl-C (SIGINT to the foreground process group) must not stop the
             # broker under a running engine; stop() / the atexit hook stop it after the engine
+            # and a parent-death signal: a parent killed outright leaves no broker behind
             self._proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, cwd=str(log_dir), env=env,
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=_parent_death_signal())
         except OSError as e:
             raise BrokerStartError(f"could not execute broker binary {binary!r}: {e}") from e
         _live.add(self)

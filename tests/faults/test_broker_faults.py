@@ -339,3 +339,40 @@ def test_broker_away_mid_run_the_run_continues_and_loses_nothing(tmp_path):
             assert dup <= batch  # the documented flush->checkpoint window at most
     finally:
         proxy.stop()
+
+
+def test_a_parent_killed_outright_leaves_no_broker_behind(tmp_path):
+    """SIGKILL skips stop() and the atexit hook: the parent-death signal still stops the broker."""
+    import os
+    import signal
+
+    script = ("import sys, time\n"
+              "from streamtta.stream.broker import EmbeddedBroker\n"
+              "b = EmbeddedBroker(); b.start()\n"
+              "print(b._proc.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=str(ROOT), text=True)
+    try:
+        line = child.stdout.readline()
+        assert line.strip().isdigit(), f"the child did not start a broker: {line!r}"
+        broker_pid = int(line)
+        os.kill(broker_pid, 0)  # alive
+        child.kill()
+        child.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(broker_pid, 0)
+            except ProcessLookupError:
+                break
+            try:  # reap it if it became our zombie (it is not our child; this only waits)
+                os.waitpid(broker_pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+        else:
+            os.kill(broker_pid, signal.SIGKILL)
+            pytest.fail("the broker outlived its killed parent")
+    finally:
+        if child.poll() is None:
+            child.kill()
