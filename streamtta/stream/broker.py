@@ -56,10 +56,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
