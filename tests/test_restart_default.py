@@ -25,11 +25,14 @@ def ckpt(tmp_path):
 
 def test_gradient_specs_get_the_restart_others_do_not(ckpt):
     net, path = ckpt
-    for spec in ("bn+tent", "eata", "cb-stats+tent+conf-drop", "bn+tent(lr=0.005)"):
+    for spec in ("bn+tent", "eata", "rdumb", "tent", "bn+tent(lr=0.005)"):
         init = default_restart_init(spec, path, net)
         assert init is not None and set(init) == {"1.weight", "1.bias"}, spec
-    # gradient-free, anchored to the source parameters, unnamed model, no file, a file for another model
+    # gradient-free, other norms (cb-stats lost; the rest unmeasured), anchored to the source parameters,
+    # unnamed model, no file, a file for another model
     assert default_restart_init("cb-stats+source-fallback", path, net) is None
+    for spec in ("cb-stats+tent+conf-drop", "rbn+tent", "unmix-tns+tent"):
+        assert default_restart_init(spec, path, net) is None, spec
     assert default_restart_init("bn", path, net) is None
     assert default_restart_init("cb-stats+tent+conf-drop+ema-source", path, net) is None
     assert default_restart_init("bn+tent", None, net) is None

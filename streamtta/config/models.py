@@ -119,8 +119,9 @@ class MonitorConfig(Section):
                                   "(the engine always passes this value; ShiftMonitor's own default, 8, applies "
                                   "only to a ShiftMonitor built directly).")
     readapt: bool = Field(True, description="Re-adapt on a confirmed shift: the batch holding the change point is "
-                          "processed again in two parts; the meta-init restart is added for gradient specs without "
-                          "ema-source when the model has a meta-init (readapt_options.restart=true/false forces it).")
+                          "processed again in two parts; the meta-init restart is added for gradient specs on the bn norm "
+                          "without ema-source when the model has a meta-init (readapt_options.restart=true/false "
+                          "forces it).")
     readapt_options: dict[str, Any] = Field(default_factory=dict,
                                             description="ReAdapter settings (split_onset, restart, steps, lr, "
                                                         "decay_batches, ...).")

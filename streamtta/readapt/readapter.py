@@ -7,7 +7,7 @@
   before and after the change point, and those outputs are reported (:meth:`ReAdapter.reprocess`).
   Statistics of a batch that straddles two domains fit neither part; it is the batch a shift costs
   most on, and no monitor can confirm a shift before it has been seen;
-* **meta restart** (``restart``; the engine turns it on by default for gradient specs, see
+* **meta restart** (``restart``; the engine turns it on by default for some gradient specs, see
   :func:`~streamtta.readapt.meta_init.default_restart_init`): it keeps a bounded buffer of recent
   ID-accepted inputs, snapshots the adapter's parameters, restarts them from ``theta*``, takes a few
   entropy (+ diversity) steps on the post-shift part of the buffer, re-fits the scorer
