@@ -46,7 +46,7 @@ the batch) gives probabilities ``p_b``; ``pi`` is their EM label-shift estimate 
 tests whether its input moved further from the stored marginal than any class explains (mean
 standardised mean shift > ``shift_factor`` x max(largest class offset, ``offset_floor``) + 0.05, or
 the same for the log-variance; :mod:`~streamtta.adapters.norms.shift_test`). While the class structure is
-unknown (mean ``W`` < 0.25: no class prior at ``prior_weight`` >= 0.25, few classes learned) a move that looks
+unknown (mean covered ``W`` < 0.25: no class prior at ``prior_weight`` >= 0.25, few classes learned) a move that looks
 like a class imbalance of the same domain is not a new domain (``imbalance_ratio``; 0 = off, with the half
 EMA restart below). A layer that detects such a new domain uses the batch's own statistics in the pre-pass,
 and at commit *re-anchors* its slots with the affine map that takes the stored marginal to the batch
@@ -57,8 +57,7 @@ first batch are unreliable).
 on -- for the part ``1 - w`` of an untrusted batch, and in the pre-pass -- is the slots' marginal blended
 with an EMA of the test batches' statistics (RoTTA's robust statistics, weight ``ema`` per batch, kept
 samples only), by ``g = 1 - mean_c W_c``: the EMA while the class structure is unknown, the marginal once it
-is established. A class structure known for a few classes only corrects little: ``W`` counts as
-``W * mean(W) / max(W)`` in ``u``. On a new domain the EMA restarts towards the batch as far as the slots are
+is established. ``u`` counts ``W`` by coverage (:meth:`ClassBalancedNorm.covered_weight`). On a new domain the EMA restarts towards the batch as far as the slots are
 established (relative to ``prior_weight``) or the batch was trusted (``w``; half of it while the class
 structure is unknown). The class offsets ``o_c``, ``r_c``
 stay relative to the slots' own marginal. ``ema=0`` is the layer without the EMA. Chosen on the digits-c tuning
@@ -254,9 +253,7 @@ class ClassBalancedNorm(AdaptiveNorm):
         # the class imbalance of the batch can only be corrected for established slots: trust
         # the corrected batch statistics as far as the imbalance falls on established classes
         n = self.num_classes
-        W = self.slot_weight
-        if self.ema > 0:  # a class structure known for a few classes only corrects little (coverage)
-            W = W * float(W.mean() / W.max().clamp_min(1e-12))
+        W = self.covered_weight() if self.ema > 0 else self.slot_weight
         uncorrectable = float(((pi - 1.0 / n).abs() * (1 - W)).sum()) / (2 * (1 - 1.0 / n))
         w = (1.0 - min(max(uncorrectable, 0.0), 1.0)) * B / (B + self.batch_kappa)
         self._batch_weight = w
@@ -265,10 +262,16 @@ class ClassBalancedNorm(AdaptiveNorm):
             m = w * m + (1 - w) * mS
         return m, v
 
+    def covered_weight(self) -> torch.Tensor:
+        """Slot establishment ``W`` scaled by coverage ``mean(W) / max(W)``: a class structure known for a few
+        classes only corrects little, and a first batch of a few classes does not make it known."""
+        W = self.slot_weight
+        return W * (W.mean() / W.max().clamp_min(1e-12))
+
     def structure_unknown(self) -> bool:
-        """True while ``imbalance_ratio`` > 0 and the slots' mean establishment is below :data:`UNKNOWN_STRUCTURE`
+        """True while ``imbalance_ratio`` > 0 and the mean :meth:`covered_weight` is below :data:`UNKNOWN_STRUCTURE`
         (no class prior, few classes learned): the imbalance veto is on, a new domain restarts the EMA half as far."""
-        return self.imbalance_ratio > 0 and float(self.slot_weight.mean()) < UNKNOWN_STRUCTURE
+        return self.imbalance_ratio > 0 and float(self.covered_weight().mean()) < UNKNOWN_STRUCTURE
 
     @torch.no_grad()
     def _test_shift(self, mean_i: torch.Tensor, var_i: torch.Tensor) -> bool:
